@@ -199,5 +199,7 @@ async def _exchange(stream: trio.abc.Stream, host: str, target: str) -> tuple[in
             body += event.data
             if len(body) > MAX_BODY_BYTES:
                 raise FetchError(f"JWKS document is larger than {MAX_BODY_BYTES} bytes")
-        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+        elif isinstance(event, h11.EndOfMessage):
             return status, location, bytes(body)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise FetchError("JWKS server closed the connection before answering")

@@ -67,6 +67,8 @@ WIRE_ERROR_CODES: frozenset[str] = frozenset({
 })  # fmt: skip
 
 _UINT64_MAX = 2**64 - 1
+# Malformed MessagePack, strings that are not UTF-8, absurd nesting.
+_UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 _command_decoder = msgspec.msgpack.Decoder(AnyCommand)
 _any_decoder = msgspec.msgpack.Decoder()
@@ -180,7 +182,7 @@ def _error_from_validation(
 ) -> ChatdError:
     try:
         frame = _any_decoder.decode(payload)
-    except (msgspec.MsgspecError, RecursionError):
+    except _UNDECODABLE:
         frame = None
     if not isinstance(frame, dict):
         err: ChatdError = BadFrame("a frame must be one MessagePack map")
@@ -245,8 +247,8 @@ class CommandDecoder:
             cmd = _command_decoder.decode(payload)
         except msgspec.ValidationError as exc:
             raise _error_from_validation(payload, exc, self.limits) from None
-        except (msgspec.DecodeError, RecursionError):
-            err = BadFrame("frame is not valid MessagePack")
+        except _UNDECODABLE:
+            err = BadFrame("frame is not valid MessagePack (or has invalid UTF-8)")
             err.request_id = None  # type: ignore[attr-defined]
             raise err from None
         return check_limits(cmd, self.limits)
@@ -319,7 +321,11 @@ def encode_error(request_id: int | str | None, err: BaseException) -> bytes:
         frame = ErrorFrame(id=request_id, code=err.code, message=err.message, details=err.details)
     else:
         frame = ErrorFrame(id=request_id, code="internal", message="internal error", details={})
-    return _error_encoder.encode(frame)
+    try:
+        return _error_encoder.encode(frame)
+    except (TypeError, ValueError, OverflowError):  # e.g. an int beyond 64 bits
+        frame.details = {str(key): str(value) for key, value in frame.details.items()}
+        return _error_encoder.encode(frame)
 
 
 def encode_event(event: Event | EphemeralEvent) -> bytes:
@@ -349,7 +355,7 @@ def decode_server_frame(payload: bytes | bytearray | memoryview) -> dict[str, An
     """
     try:
         frame = _any_decoder.decode(payload)
-    except (msgspec.MsgspecError, RecursionError):
+    except _UNDECODABLE:
         raise BadFrame("server frame is not valid MessagePack") from None
     if not isinstance(frame, dict) or type(frame.get("type")) is not str:
         raise BadFrame("server frame must be a map with a string 'type'")

@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 import structlog
 import trio
+from psycopg.conninfo import make_conninfo
 
 from chatd.errors import EmbeddedDatabaseError
 
@@ -68,14 +69,7 @@ class EmbeddedServer:
 
     def conninfo(self, dbname: str = "postgres") -> str:
         """A libpq keyword string over the unix socket."""
-        parts = {"host": str(self.socket_dir), "port": str(self.port), "user": self.user, "dbname": dbname}
-        return " ".join(f"{key}={_conninfo_quote(value)}" for key, value in parts.items())
-
-
-def _conninfo_quote(value: str) -> str:
-    if value and not re.search(r"[\s'\\]", value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return make_conninfo(host=str(self.socket_dir), port=str(self.port), user=self.user, dbname=dbname)
 
 
 class _Layout:
@@ -149,7 +143,7 @@ async def open_embedded_postgres(
                 chosen = _choose_port(layout, 0, avoid=chosen)  # lost a race for the free port
         try:
             yield EmbeddedServer(data_dir=layout.data, host=HOST, port=chosen, socket_dir=layout.run,
-                                 user=SUPERUSER, pid=process.pid, run_as=account and account.name)
+                                 user=SUPERUSER, pid=process.pid, run_as=account.name if account else None)
         finally:
             with trio.CancelScope(shield=True):
                 await _stop_child(process, stop_timeout, log)
@@ -225,16 +219,22 @@ def _check_reachable(account: _Account, *paths: Path) -> None:
 
 def _lock_state_dir(layout: _Layout) -> int:
     """Hold ``lock``: then a live postgres on our data dir can only be a dead chatd's orphan."""
-    fd = os.open(layout.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)  # not inherited
+    try:
+        fd = os.open(layout.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)  # not inherited
+    except OSError as err:
+        raise _os_error(f"open {layout.lock_file}", err) from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise EmbeddedDatabaseError(f"{layout.root} is in use by another chatd process (pid {holder}); "
                                     "one embedded PostgreSQL serves one chatd process") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as err:
+        os.close(fd)
+        raise _os_error(f"write {layout.lock_file}", err) from err
     return fd
 
 
@@ -376,7 +376,7 @@ async def _clear_previous_postmaster(layout: _Layout, stop_timeout: float, log: 
             log.warning("db.embedded.orphan_stopped", pid=pid)
     if layout.pid_file.exists():  # a clean shutdown removes it: whatever is left is stale
         log.warning("db.embedded.stale_pidfile_removed", pid=pid, path=str(layout.pid_file))
-        layout.pid_file.unlink()
+        layout.pid_file.unlink(missing_ok=True)
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -504,7 +504,7 @@ async def _wait_ready(process: trio.Process, layout: _Layout, port: int, timeout
                     return
             await trio.sleep(_POLL)
         output = _read_from(layout.server_log, log_offset)
-        if "could not bind" in output:
+        if "could not bind" in output:  # e.g. another program took the free port we chose
             raise _PortTaken()
         if "No space left on device" in output:
             raise EmbeddedDatabaseError(f"disk full: PostgreSQL could not start, 'No space left on device' "

@@ -1,0 +1,153 @@
+"""Presence: one status per user, aggregated over all the user's connections.
+
+A user is ``online`` if any connection says online, else ``away`` if any says
+away, else ``offline`` (no connection, or every one ``invisible``). Changes are
+collected and sent every ``window`` seconds as one ``presence`` frame per
+watcher holding only what changed (coalesced: a flap inside one window that
+ends where it started sends nothing). Watchers of a user are the sessions of
+users sharing a DM with them and the sessions that subscribed to them.
+Read receipts are coalesced the same way, per (room, user).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable
+
+import trio
+
+from chatd.registry.rooms import Rooms
+from chatd.registry.sessions import Session
+
+Encode = Callable[[dict], bytes]
+
+
+def aggregate(statuses: Iterable[str]) -> str:
+    seen = set(statuses)
+    if "online" in seen:
+        return "online"
+    if "away" in seen:
+        return "away"
+    return "offline"
+
+
+class Presence:
+    def __init__(self, rooms: Rooms, encode: Encode, *, window: float, clock: Callable[[], float] = time.time) -> None:
+        self.rooms = rooms
+        self.encode = encode
+        self.window = window
+        self.clock = clock
+        self.status: dict[str, str] = {}
+        self.last_seen: dict[str, float] = {}
+        self.peers: dict[str, set[str]] = {}
+        self.subscribers: dict[str, set[Session]] = {}
+        self._sent: dict[str, str] = {}       # what watchers were last told, per user
+        self._changed: set[str] = set()
+        self._receipts: dict[tuple[int, str], int] = {}
+        self._wake = trio.Event()
+
+    # --- state changes --------------------------------------------------------------
+
+    def info(self, user_id: str) -> dict[str, Any]:
+        status = self.status.get(user_id, "offline")
+        out: dict[str, Any] = {"user_id": user_id, "status": status}
+        if status == "offline" and user_id in self.last_seen:
+            out["last_seen"] = self.last_seen[user_id]
+        return out
+
+    def recompute(self, user_id: str) -> bool:
+        """Re-aggregate a user's status from their sessions; True if it changed."""
+        new = aggregate(s.status for s in self.rooms.sessions_of(user_id))
+        old = self.status.get(user_id, "offline")
+        if new == old:
+            return False
+        if new == "offline":
+            self.status.pop(user_id, None)
+            self.last_seen[user_id] = self.clock()
+        else:
+            self.status[user_id] = new
+        self._changed.add(user_id)
+        self._wake.set()
+        return True
+
+    def set_peers(self, user_id: str, peers: Iterable[str]) -> None:
+        self.peers[user_id] = set(peers)
+
+    def add_peers(self, a: str, b: str) -> None:
+        """A DM between a and b now exists: each watches the other."""
+        if a in self.peers:
+            self.peers[a].add(b)
+        if b in self.peers:
+            self.peers[b].add(a)
+
+    def forget(self, user_id: str) -> None:
+        """The user's last session is gone and watchers were told: drop caches."""
+        self.peers.pop(user_id, None)
+
+    def subscribe(self, session: Session, users: Iterable[str]) -> None:
+        for user in users:
+            session.watching.add(user)
+            self.subscribers.setdefault(user, set()).add(session)
+
+    def unsubscribe(self, session: Session, users: Iterable[str] | None = None) -> None:
+        for user in list(session.watching if users is None else users):
+            session.watching.discard(user)
+            subs = self.subscribers.get(user)
+            if subs is not None:
+                subs.discard(session)
+                if not subs:
+                    del self.subscribers[user]
+
+    def note_receipt(self, room_id: int, user_id: str, read_seq: int) -> None:
+        key = (room_id, user_id)
+        if read_seq > self._receipts.get(key, -1):
+            self._receipts[key] = read_seq
+            self._wake.set()
+
+    # --- sending --------------------------------------------------------------------
+
+    def watchers(self, user_id: str) -> set[Session]:
+        out = set(self.subscribers.get(user_id, ()))
+        for peer in self.peers.get(user_id, ()):
+            out.update(self.rooms.sessions_of(peer))
+        # A user's peers list is only cached while they are connected; a peer
+        # who is connected caches theirs, so look the other way too.
+        for peer, theirs in self.peers.items():
+            if user_id in theirs:
+                out.update(self.rooms.sessions_of(peer))
+        return out
+
+    def flush(self) -> None:
+        """Send what changed since the last flush. Never waits."""
+        changed, self._changed = self._changed, set()
+        per_session: dict[Session, list[dict[str, Any]]] = {}
+        for user in changed:
+            current = self.status.get(user, "offline")
+            if self._sent.get(user, "offline") == current and current != "offline":
+                continue
+            if current == "offline" and user not in self._sent:
+                continue  # went up and down inside one window: nobody saw it
+            if current == "offline":
+                self._sent.pop(user, None)
+            else:
+                self._sent[user] = current
+            info = self.info(user)
+            for session in self.watchers(user):
+                if session.user_id != user:
+                    per_session.setdefault(session, []).append(info)
+            if current == "offline" and not self.rooms.sessions_of(user):
+                self.forget(user)
+        for session, infos in per_session.items():
+            session.deliver(self.encode({"type": "presence", "users": infos}))
+        receipts, self._receipts = self._receipts, {}
+        for (room_id, user_id), read_seq in receipts.items():
+            frame = self.encode({"type": "receipt", "room_id": room_id, "user_id": user_id, "read_seq": read_seq})
+            self.rooms.broadcast(room_id, frame)
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await trio.sleep(self.window)
+            self.flush()

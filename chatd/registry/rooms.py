@@ -1,0 +1,97 @@
+"""Room fan-out: which local sessions receive a room's events.
+
+Each event is encoded to ONE WebSocket frame and the same bytes are handed to
+every recipient's outbox with a non-blocking ``deliver`` (DESIGN.md §3.5): no
+await and no task wake-up per recipient. Membership events update who receives:
+a joining member receives their own ``member_joined``; a leaving or removed
+member receives their ``member_left`` and nothing after it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+from chatd.domain.model import RoomEvent
+from chatd.registry.sessions import Session
+
+Encode = Callable[[dict], bytes]
+
+
+class Rooms:
+    def __init__(self, encode: Encode) -> None:
+        self.encode = encode
+        self.by_user: dict[str, list[Session]] = {}
+        self.members: dict[int, set[Session]] = {}
+        self.deliveries = 0
+        self.slow_consumers = 0
+
+    # --- sessions -------------------------------------------------------------------
+
+    def attach(self, session: Session, room_ids: Iterable[int]) -> bool:
+        """Register a session and its rooms; True if it is the user's first session."""
+        sessions = self.by_user.setdefault(session.user_id, [])
+        sessions.append(session)
+        for room_id in room_ids:
+            self._enter(session, room_id)
+        return len(sessions) == 1
+
+    def detach(self, session: Session) -> bool:
+        """Forget a session; True if it was the user's last one."""
+        for room_id in session.rooms:
+            members = self.members.get(room_id)
+            if members is not None:
+                members.discard(session)
+                if not members:
+                    del self.members[room_id]
+        session.rooms.clear()
+        sessions = self.by_user.get(session.user_id, [])
+        if session in sessions:
+            sessions.remove(session)
+        if not sessions:
+            self.by_user.pop(session.user_id, None)
+            return True
+        return False
+
+    def sessions_of(self, user_id: str) -> list[Session]:
+        return self.by_user.get(user_id, [])
+
+    def _enter(self, session: Session, room_id: int) -> None:
+        session.rooms.add(room_id)
+        self.members.setdefault(room_id, set()).add(session)
+
+    def _leave(self, session: Session, room_id: int) -> None:
+        session.rooms.discard(room_id)
+        members = self.members.get(room_id)
+        if members is not None:
+            members.discard(session)
+            if not members:
+                del self.members[room_id]
+
+    # --- fan-out --------------------------------------------------------------------
+
+    def broadcast(self, room_id: int, frame: bytes, *, skip_user: str | None = None) -> int:
+        """Hand ``frame`` to every local session in the room. Never waits."""
+        members = self.members.get(room_id)
+        if not members:
+            return 0
+        sent = 0
+        for session in tuple(members):
+            if session.user_id == skip_user:
+                continue
+            if not session.deliver(frame):
+                self.slow_consumers += 1
+            sent += 1
+        self.deliveries += sent
+        return sent
+
+    def publish(self, events: Sequence[RoomEvent]) -> None:
+        """Fan out committed events (already in seq order per room)."""
+        for event in events:
+            kind = event.kind
+            if kind == "member_joined":
+                for session in self.sessions_of(event.data["user_id"]):
+                    self._enter(session, event.room_id)
+            self.broadcast(event.room_id, self.encode(event.wire()))
+            if kind == "member_left":
+                for session in self.sessions_of(event.data["user_id"]):
+                    self._leave(session, event.room_id)

@@ -1,0 +1,36 @@
+"""A live client session and the outbox hand-off it offers to fan-out."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Protocol
+
+_ids = itertools.count(1)
+
+
+class Outbox(Protocol):
+    def deliver(self, frame: bytes) -> bool: ...
+
+
+class Session:
+    """One authenticated WebSocket connection. Kept small: there may be 20k of them."""
+
+    __slots__ = ("id", "user_id", "device", "outbox", "rooms", "status", "watching", "expires_at", "log", "__weakref__")
+
+    def __init__(self, user_id: str, outbox: Outbox, *, device: str = "", expires_at: float = 0.0, log: Any = None) -> None:
+        self.id = next(_ids)
+        self.user_id = user_id
+        self.device = device
+        self.outbox = outbox
+        self.rooms: set[int] = set()
+        self.status = "online"          # what this connection asked for: online | away | invisible
+        self.watching: set[str] = set() # users whose presence this session subscribed to
+        self.expires_at = expires_at
+        self.log = log
+
+    def deliver(self, frame: bytes) -> bool:
+        """Hand an encoded WebSocket frame to the connection; never waits."""
+        return self.outbox.deliver(frame)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.user_id}>"

@@ -1,0 +1,167 @@
+"""The running service: writer, registry, presence, typing and token verification.
+
+``open_service`` owns their background tasks in one nursery. Sessions are opened
+and closed here; commands are dispatched by :mod:`chatd.service.commands`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Sequence
+
+import structlog
+import trio
+
+import chatd
+from chatd import errors
+from chatd.auth.tokens import Identity, TokenVerifier
+from chatd.config import Config
+from chatd.domain.model import RoomEvent
+from chatd.protocol import codec, messages
+from chatd.protocol.websocket import encode_binary
+from chatd.registry.presence import Presence
+from chatd.registry.rooms import Rooms
+from chatd.registry.sessions import Session
+from chatd.registry.typing import Typing
+from chatd.store import reads
+from chatd.store.mutations import CreateDm, Mutation
+from chatd.store.pool import Pool
+from chatd.store.writer import Writer
+
+log = structlog.get_logger("chatd.service")
+
+
+def frame(payload: bytes) -> bytes:
+    """A WebSocket binary frame around an encoded MessagePack payload."""
+    return encode_binary(payload)
+
+
+def encode_server_event(obj: dict[str, Any]) -> bytes:
+    return encode_binary(codec.encode_event(obj))
+
+
+def limits_from(config: Config) -> messages.Limits:
+    lim = config.limits
+    return messages.Limits(
+        max_frame_bytes=config.websocket.max_frame_bytes,
+        max_body_chars=lim.max_body_chars,
+        history_page_max=lim.history_page_max,
+        sync_page_max=lim.sync_page_max,
+        sync_gap_max=lim.retention_events,
+        typing_ttl_ms=int(lim.typing_ttl * 1000),
+        max_reactions_per_message=lim.max_reactions_per_message,
+        max_room_members=lim.max_group_members,
+    )
+
+
+class Service:
+    def __init__(self, config: Config, pool: Pool, verifier: TokenVerifier) -> None:
+        self.config = config
+        self.pool = pool
+        self.verifier = verifier
+        self.limits = limits_from(config)
+        self.decoder = codec.CommandDecoder(self.limits)
+        self.rooms = Rooms(encode_server_event)
+        self.presence = Presence(self.rooms, encode_server_event, window=config.limits.presence_window)
+        self.typing = Typing(self.rooms, encode_server_event, ttl=config.limits.typing_ttl)
+        self.writer = Writer(pool, max_batch=config.writer.max_batch, queue_size=config.writer.queue_size, publish=self.publish)
+        self.sessions: set[Session] = set()
+        self.draining = False
+        self.nursery: trio.Nursery | None = None
+
+    # --- fan-out hook (called by the writer after COMMIT) ------------------------------
+
+    def publish(self, events: Sequence[RoomEvent], mutations: Sequence[Mutation]) -> None:
+        self.rooms.publish(events)
+        for mutation in mutations:
+            if isinstance(mutation, CreateDm):
+                self.presence.add_peers(mutation.user_id, mutation.other)
+
+    # --- sessions ----------------------------------------------------------------------
+
+    async def authenticate(self, token: str) -> Identity:
+        """Raises errors.Unauthorized / TokenExpired / Unavailable (key fetch)."""
+        return await self.verifier.verify(token)
+
+    async def open_session(self, outbox: Any, identity: Identity, hello: messages.Hello, log_: Any) -> tuple[Session, dict[str, Any]]:
+        """Register a connection for ``identity``; returns the session and the welcome body."""
+        user_id = identity.user_id
+        user = await reads.ensure_user(self.pool, user_id)
+        if user["disabled"]:
+            raise errors.Forbidden("this account is disabled")
+        summaries = await reads.room_summaries(self.pool, user_id)
+        device = hello.device or ""
+        session = Session(user_id, outbox, device=device, expires_at=identity.expires_at, log=log_)
+        first = self.rooms.attach(session, [r["room_id"] for r in summaries])
+        self.sessions.add(session)
+        if first:
+            self.presence.set_peers(user_id, await reads.dm_peers(self.pool, user_id))
+        self.presence.recompute(user_id)
+        welcome = {
+            "session_id": uuid.uuid4().hex,
+            "server": f"chatd/{chatd.__version__}",
+            "protocol": chatd.PROTOCOL_VERSION,
+            "user": {"id": user_id},
+            "limits": self.limits,
+            "rooms": [summary(r) for r in summaries],
+            "token_expires_at": identity.expires_at,
+        }
+        return session, welcome
+
+    async def close_session(self, session: Session) -> None:
+        """Forget a session; on the user's last one, clear typing and persist last_seen.
+
+        Safe to call while cancelled: the database write is shielded and bounded.
+        """
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        rooms = set(session.rooms)
+        last = self.rooms.detach(session)
+        self.presence.unsubscribe(session)
+        if last:
+            self.typing.clear_user(session.user_id, rooms)
+        self.presence.recompute(session.user_id)
+        if last:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.database.query_timeout):
+                try:
+                    await self.pool.execute("UPDATE users SET last_seen = now() WHERE id = %s", (session.user_id,))
+                except errors.ChatdError as exc:
+                    log.warning("presence.last_seen_failed", user_id=session.user_id, error=exc.message)
+
+    async def drain(self) -> None:
+        """Refuse new writes and wait until queued ones are committed and answered."""
+        self.draining = True
+        await self.writer.drain()
+
+
+def summary(row: dict[str, Any]) -> dict[str, Any]:
+    out = {
+        "room_id": row["room_id"],
+        "kind": row["kind"],
+        "title": row["title"],
+        "role": row["role"],
+        "last_seq": row["last_seq"],
+        "read_seq": row["read_seq"],
+        "unread": row["unread"],
+    }
+    if "peer" in row:
+        out["peer"] = row["peer"]
+    return out
+
+
+@asynccontextmanager
+async def open_service(config: Config, pool: Pool) -> AsyncIterator[Service]:
+    verifier = TokenVerifier(config.auth)
+    service = Service(config, pool, verifier)
+    try:
+        async with trio.open_nursery() as nursery:
+            service.nursery = nursery
+            await nursery.start(service.writer.serve)
+            await nursery.start(service.presence.serve)
+            await nursery.start(service.typing.serve)
+            yield service
+            nursery.cancel_scope.cancel()
+    finally:
+        await verifier.aclose()

@@ -1,0 +1,88 @@
+"""The WebSocket listener: accepts TCP connections, upgrades them, hands each to
+its own session task, and drains them on shutdown.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import structlog
+import trio
+
+from chatd import errors
+from chatd.config import WebSocketConfig
+from chatd.protocol import codec
+from chatd.protocol.closecodes import RESUME_SYNC, CloseCode
+from chatd.protocol.websocket import encode_binary
+from chatd.service.runtime import Service
+from chatd.transport.session import handle_connection
+from chatd.transport.websocket import ConnectionClosed, HandshakeFailed, WebSocketConnection, accept_websocket
+
+log = structlog.get_logger("chatd.ws")
+
+
+class Listener:
+    def __init__(self, cfg: WebSocketConfig, service: Service, port: int) -> None:
+        self.cfg = cfg
+        self.service = service
+        self.port = port
+        self.url = f"ws://{cfg.host}:{port}{cfg.path}"
+        self.connections: set[WebSocketConnection] = set()
+        self.accept_scope = trio.CancelScope()
+        self.conn_nursery: trio.Nursery | None = None
+        self._empty = trio.Event()
+        self._empty.set()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        cfg = self.cfg
+        try:
+            conn = await accept_websocket(
+                stream,
+                handshake_timeout=cfg.handshake_timeout,
+                max_message_size=cfg.max_frame_bytes,
+                max_pending_bytes=cfg.max_pending_bytes,
+                close_timeout=cfg.close_timeout,
+                path=cfg.path,
+            )
+        except (HandshakeFailed, ConnectionClosed, errors.ChatdError, trio.TooSlowError):
+            await stream.aclose()
+            return
+        self.connections.add(conn)
+        self._empty = trio.Event() if self._empty.is_set() else self._empty
+        try:
+            await handle_connection(conn, self.service)
+        finally:
+            self.connections.discard(conn)
+            await conn.aclose()
+            if not self.connections:
+                self._empty.set()
+
+    async def drain(self) -> None:
+        """Stop accepting; tell every client to reconnect elsewhere and wait for them to go."""
+        self.accept_scope.cancel()
+        goaway = encode_binary(codec.encode_event({"type": "goaway", "reason": "server draining", "reconnect_after_ms": 1000}))
+        for conn in list(self.connections):
+            conn.deliver(goaway)
+            self.conn_nursery.start_soon(conn.close, CloseCode.DRAINING, RESUME_SYNC)
+        await self._empty.wait()
+
+
+async def serve_websocket(cfg: WebSocketConfig, service: Service, scope: trio.CancelScope | None = None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on cfg.host:cfg.port; reports a :class:`Listener` to task_status.
+
+    Raises errors.StartupError when the address cannot be bound.
+    """
+    try:
+        sockets = await trio.open_tcp_listeners(cfg.port, host=cfg.host, backlog=cfg.backlog)
+    except OSError as exc:
+        hint = " (port in use)" if exc.errno == errno.EADDRINUSE else ""
+        raise errors.StartupError(f"cannot listen on {cfg.host}:{cfg.port}{hint}: {exc.strerror}") from None
+    port = sockets[0].socket.getsockname()[1]
+    listener = Listener(cfg, service, port)
+    async with trio.open_nursery() as conn_nursery:
+        listener.conn_nursery = conn_nursery
+        task_status.started(listener)
+        with listener.accept_scope:
+            await trio.serve_listeners(listener.handle, sockets, handler_nursery=conn_nursery)
+        for sock in sockets:
+            await sock.aclose()

@@ -1,0 +1,181 @@
+"""One client connection, from the WebSocket upgrade to the close.
+
+The connection's nursery runs its writer (the outbox flusher) and a token
+expiry watch; this task is the reader. Data path per frame:
+bytes -> FrameReader (transport) -> CommandDecoder (protocol) -> handler
+(service) -> one reply frame. A handler that fails unexpectedly closes only
+this connection (1011) and logs the traceback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import structlog
+import trio
+
+from chatd import errors
+from chatd.protocol import codec
+from chatd.protocol import messages as m
+from chatd.protocol.closecodes import CloseCode
+from chatd.protocol.websocket import OP_TEXT
+from chatd.service import commands
+from chatd.service.runtime import Service, frame
+from chatd.transport.websocket import ConnectionClosed, WebSocketConnection
+
+log = structlog.get_logger("chatd.ws")
+_conn_ids = itertools.count(1)
+
+
+class RateLimit:
+    """Token bucket: ``rate`` commands per second with bursts of ``burst``."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        """0.0 if a command may run now, else seconds until one may."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+async def handle_connection(conn: WebSocketConnection, service: Service) -> None:
+    """Serve one upgraded connection until it closes. Never raises (but Cancelled)."""
+    conn_log = log.bind(conn_id=next(_conn_ids))
+    session = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.run_writer)
+            try:
+                session = await _hello(conn, service, conn_log)
+                if session is not None:
+                    nursery.start_soon(_expire_token, conn, session)
+                    await _read_commands(conn, service, session, conn_log)
+            except ConnectionClosed:
+                pass
+            except Exception:
+                conn_log.exception("ws.internal_error")
+                await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        if session is not None:
+            await service.close_session(session)
+            conn_log.info("ws.closed", user_id=session.user_id)
+
+
+async def _refuse(conn: WebSocketConnection, request_id: Any, err: errors.ChatdError, code: int, reason: str) -> None:
+    conn.deliver(frame(codec.encode_error(request_id, err)))
+    await conn.close(code, reason)
+
+
+async def _hello(conn: WebSocketConnection, service: Service, conn_log: Any):
+    cfg = service.config.websocket
+    received = None
+    with trio.move_on_after(cfg.hello_timeout):
+        received = await conn.receive()
+    if received is None:
+        await conn.close(CloseCode.AUTH_TIMEOUT, "no hello in time")
+        return None
+    opcode, payload = received
+    if opcode == OP_TEXT:
+        await conn.close(CloseCode.UNSUPPORTED_DATA, "binary MessagePack frames only")
+        return None
+    try:
+        cmd = service.decoder.decode(payload)
+    except errors.ChatdError as exc:
+        await _refuse(conn, getattr(exc, "request_id", None), exc, CloseCode.PROTOCOL_ERROR, "bad hello")
+        return None
+    if not isinstance(cmd, m.Hello):
+        err = errors.Unauthorized("the first frame must be hello")
+        await _refuse(conn, cmd.id, err, CloseCode.AUTH_FAILED, "hello expected")
+        return None
+    if cmd.version != 1:
+        err = errors.UnsupportedVersion(f"protocol version {cmd.version} is not supported", supported=[1])
+        await _refuse(conn, cmd.id, err, CloseCode.PROTOCOL_ERROR, "unsupported version")
+        return None
+    try:
+        identity = await service.authenticate(cmd.token)
+    except errors.TokenExpired as exc:
+        await _refuse(conn, cmd.id, exc, CloseCode.TOKEN_EXPIRED, "token expired")
+        return None
+    except (errors.Unauthorized, errors.Forbidden) as exc:
+        await _refuse(conn, cmd.id, exc, CloseCode.AUTH_FAILED, "authentication failed")
+        return None
+    except errors.Unavailable as exc:
+        await _refuse(conn, cmd.id, exc, CloseCode.INTERNAL_ERROR, "try again later")
+        return None
+    try:
+        session, welcome = await service.open_session(conn, identity, cmd, conn_log.bind(user_id=identity.user_id))
+    except errors.Forbidden as exc:
+        await _refuse(conn, cmd.id, exc, CloseCode.AUTH_FAILED, "account disabled")
+        return None
+    except errors.ChatdError as exc:
+        await _refuse(conn, cmd.id, exc, CloseCode.INTERNAL_ERROR, "try again later")
+        return None
+    conn.deliver(frame(codec.encode_welcome(cmd.id, welcome)))
+    conn_log.info("ws.hello", user_id=identity.user_id, device=session.device)
+    return session
+
+
+async def _expire_token(conn: WebSocketConnection, session) -> None:
+    while True:
+        remaining = session.expires_at - time.time()
+        if remaining <= 0:
+            await conn.close(CloseCode.TOKEN_EXPIRED, "token expired: refresh before token_expires_at")
+            return
+        await trio.sleep(remaining)
+
+
+async def _read_commands(conn: WebSocketConnection, service: Service, session, conn_log: Any) -> None:
+    cfg = service.config
+    bucket = RateLimit(cfg.limits.commands_per_second, cfg.limits.command_burst)
+    bad_frames = 0
+    decode = service.decoder.decode
+    handlers = commands.HANDLERS
+    async_handlers = commands.ASYNC_HANDLERS
+    while True:
+        opcode, payload = await conn.receive()
+        if opcode == OP_TEXT:
+            await conn.close(CloseCode.UNSUPPORTED_DATA, "binary MessagePack frames only")
+            return
+        request_id = None
+        try:
+            cmd = decode(payload)
+            request_id = cmd.id
+            wait = bucket.take()
+            if wait:
+                raise errors.RateLimited("slow down", retry_after=round(wait, 3))
+            handler = handlers[type(cmd)]
+            if handler in async_handlers:
+                result = await handler(service, session, cmd)
+            else:
+                result = handler(service, session, cmd)
+        except errors.ChatdError as exc:
+            if request_id is None:
+                request_id = getattr(exc, "request_id", None)
+            if isinstance(exc, (errors.BadFrame, errors.UnknownCommand, errors.InvalidField, errors.TooLarge)):
+                bad_frames += 1
+                conn_log.info("ws.bad_command", code=exc.code, message=exc.message)
+                if bad_frames > cfg.websocket.max_bad_frames:
+                    await _refuse(conn, request_id, exc, CloseCode.POLICY_VIOLATION, "too many bad frames")
+                    return
+            elif isinstance(exc, errors.Unavailable) and not isinstance(exc, errors.RateLimited):
+                conn_log.warning("ws.unavailable", message=exc.message)
+            conn.deliver(frame(codec.encode_error(request_id, exc)))
+            continue
+        if result is not commands.PENDING:
+            conn.deliver(frame(codec.encode_result(request_id, result)))
+

@@ -1,0 +1,136 @@
+"""The trio psycopg adapter and pool on a real PostgreSQL."""
+
+import pytest
+import trio
+
+from chatd import errors
+from chatd.store.pool import open_pool
+
+
+async def test_queries_and_parameters(pool):
+    rows = await pool.fetch("SELECT %s::int + 1 AS n, %s::text AS t", (41, "héllo"))
+    assert rows == [{"n": 42, "t": "héllo"}]
+
+
+async def test_transaction_commits_and_rolls_back(pool):
+    await pool.execute("CREATE TABLE t (x int)")
+    async with pool.transaction() as conn:
+        await conn.execute("INSERT INTO t VALUES (1)")
+    with pytest.raises(RuntimeError):
+        async with pool.transaction() as conn:
+            await conn.execute("INSERT INTO t VALUES (2)")
+            raise RuntimeError("boom")
+    assert await pool.fetch("SELECT x FROM t") == [{"x": 1}]
+
+
+async def test_concurrent_use_of_the_pool(pool):
+    results = []
+
+    async def worker(i):
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT pg_sleep(0.05), %s::int AS i", (i,))
+            results.append((await cur.fetchone())["i"])
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(worker, i)
+    assert sorted(results) == list(range(20))
+    assert pool.in_use == 0
+
+
+async def test_cancel_mid_query_cancels_on_server_and_pool_stays_healthy(pool):
+    with trio.fail_after(10):
+        with trio.move_on_after(0.3) as scope:
+            async with pool.connection() as conn:
+                pid = conn.pgconn.backend_pid
+                await conn.execute("SELECT pg_sleep(30)")
+        assert scope.cancelled_caught
+        # The server-side query is gone, not still sleeping.
+        rows = await pool.fetch(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE pid = %s AND state = 'active' AND query LIKE %s",
+            (pid, "%pg_sleep(30)%"),
+        )
+        assert rows == [{"n": 0}]
+        assert await pool.fetch("SELECT 1 AS ok") == [{"ok": 1}]
+
+
+async def test_cancel_inside_transaction_rolls_back(pool):
+    await pool.execute("CREATE TABLE t (x int)")
+    with trio.fail_after(10):
+        with trio.move_on_after(0.3):
+            async with pool.transaction() as conn:
+                await conn.execute("INSERT INTO t VALUES (1)")
+                await conn.execute("SELECT pg_sleep(30)")
+        assert await pool.fetch("SELECT count(*) AS n FROM t") == [{"n": 0}]
+
+
+async def test_query_timeout_maps_to_timeout(pool):
+    with trio.fail_after(10):
+        with pytest.raises(errors.Timeout):
+            async with pool.connection(timeout=0.2) as conn:
+                await conn.execute("SELECT pg_sleep(5)")
+        assert await pool.fetch("SELECT 1 AS ok") == [{"ok": 1}]
+
+
+async def test_acquire_timeout_when_pool_exhausted(db_conninfo):
+    async with open_pool(db_conninfo, size=1, acquire_timeout=0.2, connect_timeout=5, query_timeout=10) as pool:
+        with trio.fail_after(10):
+            async with pool.connection():
+                with pytest.raises(errors.Unavailable, match="no database connection free"):
+                    async with pool.connection():
+                        pass
+
+
+async def test_terminated_backend_is_replaced(pool):
+    async with pool.connection() as conn:
+        victim = conn.pgconn.backend_pid
+    killer = await pool.dedicated()
+    try:
+        await killer.execute("SELECT pg_terminate_backend(%s)", (victim,))
+    finally:
+        await killer.close()
+    with trio.fail_after(10):
+        # The pooled connection is dead: at most one caller sees it fail, then
+        # the pool opens a fresh one.
+        outcomes = []
+        for _ in range(2):
+            try:
+                outcomes.append(await pool.fetch("SELECT pg_backend_pid() AS pid"))
+            except errors.Unavailable:
+                outcomes.append("unavailable")
+        assert outcomes[-1] != "unavailable"
+        assert outcomes[-1][0]["pid"] != victim
+
+
+async def test_unique_violation_maps_to_conflict(pool):
+    await pool.execute("CREATE TABLE u (x int PRIMARY KEY)")
+    await pool.execute("INSERT INTO u VALUES (1)")
+    with pytest.raises(errors.Conflict):
+        await pool.execute("INSERT INTO u VALUES (1)")
+
+
+async def test_unreachable_database_is_unavailable():
+    with trio.fail_after(10):
+        with pytest.raises(errors.Unavailable):
+            async with open_pool("host=127.0.0.1 port=1 user=x dbname=x", size=1, acquire_timeout=1, connect_timeout=2, query_timeout=2):
+                pass
+
+
+async def test_listen_notify_round_trip(pool):
+    listener = await pool.dedicated()
+    try:
+        await listener.execute("LISTEN chatd_test")
+        got = []
+
+        async def receive():
+            got.extend(await listener.receive_notifies())
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                await trio.sleep(0.05)
+                await pool.execute("SELECT pg_notify('chatd_test', 'hello')")
+        assert [(n.channel, n.payload) for n in got] == [("chatd_test", "hello")]
+    finally:
+        await listener.close()
