@@ -72,7 +72,8 @@ CLOSE_CODES: dict[int, CloseInfo] = {
               "frames carrying MessagePack only.", "Fix the client. Do not retry in a loop.",
               False, False),
         _info(CloseCode.POLICY_VIOLATION,
-              "Policy violation, e.g. too many bad frames or rate-limit violations in a row.",
+              "Policy violation: repeated bad frames or rate-limit violations, or too many "
+              "connections.",
               "Fix the client; reconnect only after a long backoff.", True, True),
         _info(CloseCode.MESSAGE_TOO_BIG, "A frame exceeded limits.max_frame_bytes (enforced "
               "by the transport before decoding).", "Send smaller frames (split sync "

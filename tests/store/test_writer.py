@@ -1,0 +1,192 @@
+"""The group-commit writer: durable before ack, gapless seqs, idempotency."""
+
+import trio
+
+from chatd import errors
+from chatd.store import mutations as mu
+from chatd.store.pool import open_pool
+from chatd.store.writer import Writer
+
+
+async def _setup_room(pool, owner="alice", members=("bob",)):
+    published = []
+    writer = Writer(pool, max_batch=500, queue_size=10000, publish=lambda ev, _m: published.extend(ev))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.serve)
+        room = await writer.run(mu.CreateGroup(user_id=owner, client_id="create-1", title="t", members=list(members)))
+        nursery.cancel_scope.cancel()
+    return room["room_id"]
+
+
+async def _run_writer(pool, work, published=None):
+    published = [] if published is None else published
+    writer = Writer(pool, max_batch=500, queue_size=10000, publish=lambda ev, _m: published.extend(ev))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.serve)
+        result = await work(writer)
+        nursery.cancel_scope.cancel()
+    return result, published
+
+
+async def test_many_concurrent_sends_share_batches_and_get_gapless_seqs(pool):
+    room = await _setup_room(pool)
+    acks = []
+
+    async def work(writer):
+        async def one(i):
+            acks.append(await writer.run(mu.Send(user_id="alice" if i % 2 else "bob", client_id=f"m{i}", room_id=room, body=f"hi {i}")))
+
+        async with trio.open_nursery() as n:
+            for i in range(300):
+                n.start_soon(one, i)
+        return writer.batches
+
+    with trio.fail_after(30):
+        batches, published = await _run_writer(pool, work)
+    seqs = sorted(a["seq"] for a in acks)
+    assert seqs == list(range(seqs[0], seqs[0] + 300))
+    assert batches < 300, "sends were not grouped into shared transactions"
+    # Everything acked is committed, and the published events are in seq order.
+    rows = await pool.fetch("SELECT seq FROM events WHERE room_id = %s AND kind = 'message' ORDER BY seq", (room,))
+    assert [r["seq"] for r in rows] == seqs
+    msg_seqs = [e.seq for e in published if e.kind == "message"]
+    assert msg_seqs == sorted(msg_seqs)
+
+
+async def test_two_processes_writing_one_room_keep_seq_gapless(db_conninfo):
+    # Two independent pools + writers stand in for two chatd processes.
+    async with open_pool(db_conninfo, size=3, acquire_timeout=5, connect_timeout=5, query_timeout=30) as p1, \
+            open_pool(db_conninfo, size=3, acquire_timeout=5, connect_timeout=5, query_timeout=30) as p2:
+        room = await _setup_room(p1)
+        acks = []
+
+        async def process(pool, tag):
+            async def work(writer):
+                async def one(i):
+                    acks.append(await writer.run(mu.Send(user_id="alice", client_id=f"{tag}{i}", room_id=room, body="x")))
+
+                async with trio.open_nursery() as n:
+                    for i in range(150):
+                        n.start_soon(one, i)
+
+            await _run_writer(pool, work)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as n:
+                n.start_soon(process, p1, "a")
+                n.start_soon(process, p2, "b")
+        rows = await p1.fetch("SELECT seq FROM events WHERE room_id = %s ORDER BY seq", (room,))
+        seqs = [r["seq"] for r in rows]
+        assert seqs == list(range(1, len(seqs) + 1))
+        last = await p1.fetchone("SELECT last_seq FROM rooms WHERE id = %s", (room,))
+        assert last["last_seq"] == len(seqs)
+        assert len({a["seq"] for a in acks}) == 300
+
+
+async def test_retried_send_returns_original_result_and_creates_nothing(pool):
+    room = await _setup_room(pool)
+
+    async def work(writer):
+        first = await writer.run(mu.Send(user_id="alice", client_id="same", room_id=room, body="once"))
+        again = await writer.run(mu.Send(user_id="alice", client_id="same", room_id=room, body="once"))
+        return first, again
+
+    (first, again), _ = await _run_writer(pool, work)
+    assert again["seq"] == first["seq"] and again["duplicate"] and not first["duplicate"]
+    # After a "restart" (a new writer on a new pool) the key still holds.
+    (third, _x), _ = await _run_writer(pool, lambda w: _pair(w, room))
+    assert third["seq"] == first["seq"] and third["duplicate"]
+    count = await pool.fetchone("SELECT count(*) AS n FROM events WHERE room_id = %s AND kind = 'message'", (room,))
+    assert count["n"] == 1
+
+
+async def _pair(writer, room):
+    return await writer.run(mu.Send(user_id="alice", client_id="same", room_id=room, body="once")), None
+
+
+async def test_duplicate_ids_inside_one_batch_create_one_message(pool):
+    room = await _setup_room(pool)
+    results = []
+
+    async def work(writer):
+        done = trio.Event()
+
+        def collect(result, error):
+            results.append((result, error))
+            if len(results) == 3:
+                done.set()
+
+        for _ in range(3):  # queued before the writer runs: same batch
+            writer.submit(mu.Send(user_id="bob", client_id="dup", room_id=room, body="b", on_done=collect))
+        await done.wait()
+
+    await _run_writer(pool, work)
+    seqs = {r[0]["seq"] for r in results}
+    assert len(seqs) == 1 and sum(1 for r in results if r[0]["duplicate"]) == 2
+
+
+async def test_non_member_send_is_forbidden_and_others_in_batch_commit(pool):
+    room = await _setup_room(pool)
+    results = {}
+
+    async def work(writer):
+        done = trio.Event()
+
+        def collect(name):
+            def cb(result, error):
+                results[name] = (result, error)
+                if len(results) == 2:
+                    done.set()
+            return cb
+
+        writer.submit(mu.Send(user_id="mallory", client_id="x", room_id=room, body="evil", on_done=collect("mallory")))
+        writer.submit(mu.Send(user_id="alice", client_id="y", room_id=room, body="ok", on_done=collect("alice")))
+        await done.wait()
+
+    await _run_writer(pool, work)
+    assert isinstance(results["mallory"][1], errors.Forbidden)
+    assert results["alice"][1] is None
+
+
+async def test_rejected_mutation_in_batch_leaves_no_trace(pool):
+    room = await _setup_room(pool)
+
+    async def work(writer):
+        sent = await writer.run(mu.Send(user_id="alice", client_id="s1", room_id=room, body="mine"))
+        try:
+            await writer.run(mu.Edit(user_id="bob", client_id="e1", room_id=room, seq=sent["seq"], body="hijack"))
+        except errors.Forbidden:
+            pass
+        else:
+            raise AssertionError("bob edited alice's message")
+        return sent
+
+    sent, published = await _run_writer(pool, work)
+    row = await pool.fetchone("SELECT body, edited FROM events WHERE room_id = %s AND seq = %s", (room, sent["seq"]))
+    assert row == {"body": "mine", "edited": False}
+    last = await pool.fetchone("SELECT last_seq FROM rooms WHERE id = %s", (room,))
+    assert last["last_seq"] == sent["seq"]
+    idem = await pool.fetchone("SELECT count(*) AS n FROM idempotency WHERE client_id = 'e1'")
+    assert idem["n"] == 0
+
+
+async def test_nothing_is_acked_when_the_database_is_gone(db_conninfo):
+    async with open_pool(db_conninfo, size=2, acquire_timeout=1, connect_timeout=1, query_timeout=5) as pool:
+        room = await _setup_room(pool)
+        published = []
+        writer = Writer(pool, max_batch=10, queue_size=100, publish=lambda ev, _m: published.extend(ev))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.serve)
+            # Point the pool at a server that does not exist: every commit fails.
+            pool.conninfo = "host=127.0.0.1 port=1 user=x dbname=x connect_timeout=1"
+            await pool.aclose()
+            pool._closed = False
+            with trio.fail_after(15):
+                try:
+                    await writer.run(mu.Send(user_id="alice", client_id="lost", room_id=room, body="x"))
+                except errors.Unavailable:
+                    pass
+                else:
+                    raise AssertionError("acked without a database")
+            nursery.cancel_scope.cancel()
+        assert not [e for e in published if e.kind == "message"]
