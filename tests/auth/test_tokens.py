@@ -434,8 +434,8 @@ async def test_concurrent_verifies_share_one_fetch(provider, keys):
 
 async def test_key_rotation_is_picked_up_on_a_new_kid(provider, keys, clock):
     provider.publish(jwk(keys["RS256"], "2024", "RS256"))
-    verifier = jwks_verifier(provider.url, jwks_cache_seconds=3600)
-    with trio.fail_after(30):
+    verifier = jwks_verifier(provider.url, jwks_cache_seconds=15)
+    with trio.fail_after(60):  # the clock jumps count against this bound
         await verifier.verify(signed(keys["RS256"], "RS256", "2024"))
         provider.publish(jwk(keys["RS256"], "2024", "RS256"), jwk(keys["RS256-other"], "2025", "RS256"))
         clock.jump(REFETCH_INTERVAL + 1)
@@ -444,6 +444,12 @@ async def test_key_rotation_is_picked_up_on_a_new_kid(provider, keys, clock):
         await verifier.verify(signed(keys["RS256"], "RS256", "2024"))  # the old key is still published
         await rejected(verifier, signed(keys["RS256"], "RS256", "2025"), "signature is invalid")
         assert provider.requests == 2
+        provider.publish(jwk(keys["RS256-other"], "2025", "RS256"))  # 2024 retired
+        clock.jump(16)  # past jwks_cache_seconds
+        await verifier.verify(signed(keys["RS256-other"], "RS256", "2025"))
+        assert provider.requests == 3
+        await rejected(verifier, signed(keys["RS256"], "RS256", "2024"), "kid.* unknown")
+        assert provider.requests == 3
 
 
 async def test_unknown_kid_refetches_at_most_once_per_interval(provider, keys, clock):
