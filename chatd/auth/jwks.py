@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import ssl
+from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
 import h11
@@ -88,7 +89,7 @@ class RemoteKeySet:
     def _may_refetch(self) -> bool:
         return trio.current_time() - self._tried_at >= REFETCH_INTERVAL
 
-    async def _refresh_if(self, needed) -> None:
+    async def _refresh_if(self, needed: Callable[[], bool]) -> None:
         if not needed():
             return
         async with self._lock:
@@ -175,7 +176,8 @@ async def _get(url: str) -> tuple[int, str, bytes]:
         async with stream:
             return await _exchange(stream, parts.netloc.rpartition("@")[2], target)
     except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
-        raise FetchError(f"JWKS fetch failed: {type(exc).__name__}: {exc}") from None
+        cause = exc.__cause__ or exc  # trio wraps ssl.SSLError in BrokenResourceError
+        raise FetchError(f"JWKS fetch failed: {type(cause).__name__}: {cause}") from None
 
 
 async def _exchange(stream: trio.abc.Stream, host: str, target: str) -> tuple[int, str, bytes]:

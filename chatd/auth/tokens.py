@@ -76,8 +76,9 @@ class TokenVerifier:
         else wrong with the token (malformed, algorithm not allowed, unknown
         ``kid``, bad signature, wrong ``aud``/``iss``, missing or invalid
         ``sub``/``exp``, not yet valid); :class:`Unavailable` when the token needs
-        JWKS keys and none could ever be fetched, or after :meth:`aclose`. Messages never include key
-        material. Safe to cancel (at most a JWKS fetch is abandoned).
+        JWKS keys and none could ever be fetched, or after :meth:`aclose`.
+        Messages never include key material. Safe to cancel: at most a JWKS
+        fetch is abandoned, and the key cache stays as it was.
         """
         if self._closed:
             raise Unavailable("token verifier is closed")

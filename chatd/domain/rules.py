@@ -5,9 +5,10 @@ Roles rank owner > admin > member.
   and only an owner may add an owner or admin.
 - remove member: an admin may remove plain members; an owner may remove anyone
   but themself (an owner leaves with `leave`).
-- set role: only an owner grants or revokes admin/owner; nobody changes their own role.
+- set role: only an owner grants or revokes admin/owner; the last owner cannot
+  be demoted (another owner must exist first).
 - update room (title): owner or admin.
-- join: only public groups, by anyone not already a member.
+- join: only public groups, by anyone not already a member (others: not found).
 - DMs have exactly two members forever: no join, leave, add, remove, role change
   or update.
 """
@@ -33,10 +34,10 @@ def check_add(kind: str, actor_role: str | None, new_role: str) -> None:
 
 def check_remove(kind: str, actor: str, actor_role: str | None, target: str, target_role: str | None) -> None:
     _no_dm(kind, "lose members")
-    if target_role is None:
-        raise errors.NotFound("not a member of this room", user_id=target)
     if actor == target:
         raise errors.Forbidden("use leave to leave a room")
+    if target_role is None:
+        raise errors.NotFound("not a member of this room", user_id=target)
     if actor_role == "owner":
         return
     if actor_role == "admin" and target_role == "member":
@@ -44,16 +45,19 @@ def check_remove(kind: str, actor: str, actor_role: str | None, target: str, tar
     raise errors.Forbidden("your role cannot remove this member")
 
 
-def check_set_role(kind: str, actor: str, actor_role: str | None, target: str, target_role: str | None, role: str) -> None:
+def check_set_role(kind: str, actor: str, actor_role: str | None, target: str, target_role: str | None, role: str, owners: int) -> None:
+    """``owners`` is the room's current number of owners."""
     _no_dm(kind, "change roles")
-    if target_role is None:
-        raise errors.NotFound("not a member of this room", user_id=target)
-    if actor == target:
-        raise errors.Forbidden("you cannot change your own role")
     if actor_role != "owner":
         raise errors.Forbidden("only owners change roles")
+    if target_role is None:
+        raise errors.NotFound("not a member of this room", user_id=target)
     if role not in ROLE_RANK:
         raise errors.InvalidField("unknown role", field="$.role")
+    if role == target_role:
+        raise errors.Conflict(f"already {role}")
+    if target_role == "owner" and owners <= 1:
+        raise errors.Conflict("a group needs an owner: make someone else owner first", reason="last_owner")
 
 
 def check_update(kind: str, actor_role: str | None) -> None:
@@ -63,17 +67,15 @@ def check_update(kind: str, actor_role: str | None) -> None:
 
 
 def check_join(kind: str, public: bool, already_member: bool) -> None:
-    _no_dm(kind, "be joined")
+    # A DM or a private group is invisible to non-members: it "does not exist".
+    if kind == "dm" or (not public and not already_member):
+        raise errors.NotFound("no such room")
     if already_member:
         raise errors.Conflict("already a member")
-    if not public:
-        raise errors.Forbidden("this group is private: ask a member to add you")
 
 
-def check_leave(kind: str, is_member: bool) -> None:
+def check_leave(kind: str) -> None:
     _no_dm(kind, "be left")
-    if not is_member:
-        raise errors.NotFound("not a member of this room")
 
 
 def successor(members: list[tuple[str, str, int]]) -> str | None:

@@ -33,6 +33,7 @@ from chatd.protocol.messages import (
     SUPPORTED_VERSIONS,
     AnyCommand,
     Command,
+    CreateGroup,
     Edit,
     Event,
     EphemeralEvent,
@@ -45,6 +46,7 @@ from chatd.protocol.messages import (
     Send,
     Sync,
     Unreact,
+    UpdateRoom,
 )
 
 __all__ = [
@@ -119,6 +121,12 @@ def _check_body(cmd: Any, limits: Limits) -> Any:
     return cmd
 
 
+def _check_title(cmd: Any, limits: Limits) -> Any:
+    if len(cmd.title) > limits.max_title_chars:
+        raise _too_large("$.title", limits.max_title_chars, "chars", cmd.id)
+    return cmd
+
+
 def _check_emoji(cmd: Any, limits: Limits) -> Any:
     # Meta counts code points; the limit is on UTF-8 bytes (8 chars always fit).
     if len(cmd.emoji) > MAX_EMOJI_BYTES // 4 and len(cmd.emoji.encode()) > MAX_EMOJI_BYTES:
@@ -138,6 +146,8 @@ _CHECKS: dict[type, Callable[[Any, Limits], Any]] = {
     Hello: _check_hello,
     Send: _check_body,
     Edit: _check_body,
+    CreateGroup: _check_title,
+    UpdateRoom: _check_title,
     React: _check_emoji,
     Unreact: _check_emoji,
     History: lambda cmd, limits: _page(cmd, limits.history_page_max),
@@ -148,9 +158,10 @@ _CHECKS: dict[type, Callable[[Any, Limits], Any]] = {
 def check_limits(cmd: Command, limits: Limits) -> Command:
     """Apply the checks msgspec constraints cannot express; return the command to handle.
 
-    Enforces configured limits (``max_body_chars``), the UTF-8 byte limit of
-    emoji and the protocol version of hello, and normalises ``history.limit`` /
-    ``sync.limit`` to an int no greater than the page maximum (omitted -> max).
+    Enforces configured limits (``max_body_chars``, ``max_title_chars``), the
+    UTF-8 byte limit of emoji and the protocol version of hello, and normalises
+    ``history.limit`` / ``sync.limit`` to an int no greater than the page
+    maximum (omitted -> the maximum).
 
     Raises TooLarge (details: field, max, unit) or UnsupportedVersion (details:
     requested, supported), with ``request_id`` set. Pure; safe to call anywhere.
@@ -213,8 +224,10 @@ def _field_error(text: str, limits: Limits) -> ChatdError:
     too_long = _MAX_LEN.match(text)
     if too_long is not None and not in_key:
         limit, unit = int(too_long.group(2)), _UNITS[too_long.group(1)]
-        if path == "$.body":  # past the static ceiling: report the configured limit
-            limit = limits.max_body_chars
+        # Past the static ceiling: report the configured limit the client must meet.
+        limit = {"$.body": limits.max_body_chars, "$.title": limits.max_title_chars}.get(
+            path, limit
+        )
         return TooLarge(f"{path} is longer than {limit} {unit}", field=path, max=limit, unit=unit)
     expected = text.removeprefix("Expected ").replace("`", "")
     if in_key:

@@ -452,7 +452,9 @@ class JoinResult(Result, kw_only=True):
     seq: int
 
 
-class SeqResult(Result, kw_only=True):  # leave, add/remove_member, set_role, update_room, delete, (un)react
+class SeqResult(Result, kw_only=True):
+    """leave, add_member, remove_member, set_role, update_room, delete, react, unreact."""
+
     seq: int
 
 

@@ -287,6 +287,7 @@ class FrameReader:
         if self._pos >= len(self._buf):
             self._buf = data
             self._pos = 0
+            self._need = 0  # not parsed yet: unknown
         else:
             self._tail.append(data)
             self._tail_size += len(data)
@@ -426,19 +427,15 @@ class FrameReader:
 
 # --- frames out ------------------------------------------------------------------
 
-_SHORT_HEADERS = {
-    op: tuple(bytes((0x80 | op, n)) for n in range(126))
-    for op in (OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG)
-}
+_BINARY_SHORT = tuple(bytes((0x82, n)) for n in range(126))  # headers of small frames
 _HEADER_16 = struct.Struct("!BBH").pack
 _HEADER_64 = struct.Struct("!BBQ").pack
-_BINARY_SHORT = _SHORT_HEADERS[OP_BINARY]
 
 
 def _frame(op: int, payload: bytes) -> bytes:
     n = len(payload)
     if n < 126:
-        return _SHORT_HEADERS[op][n] + payload
+        return bytes((0x80 | op, n)) + payload
     if n < 65536:
         return _HEADER_16(0x80 | op, 126, n) + payload
     return _HEADER_64(0x80 | op, 127, n) + payload
@@ -472,15 +469,17 @@ def encode_close(code: int | None = CLOSE_NORMAL, reason: str = "") -> bytes:
     return _frame(OP_CLOSE, code.to_bytes(2, "big") + raw)
 
 
-def encode_ping(payload: bytes = b"") -> bytes:
-    """A ping frame. Raises ValueError if ``payload`` exceeds 125 bytes."""
+def _control(op: int, payload: bytes) -> bytes:
     if len(payload) > _MAX_CONTROL_PAYLOAD:
         raise ValueError("control frame payloads are limited to 125 bytes")
-    return _frame(OP_PING, payload)
+    return _frame(op, payload)
+
+
+def encode_ping(payload: bytes = b"") -> bytes:
+    """A ping frame. Raises ValueError if ``payload`` exceeds 125 bytes."""
+    return _control(OP_PING, payload)
 
 
 def encode_pong(payload: bytes = b"") -> bytes:
     """A pong frame. Raises ValueError if ``payload`` exceeds 125 bytes."""
-    if len(payload) > _MAX_CONTROL_PAYLOAD:
-        raise ValueError("control frame payloads are limited to 125 bytes")
-    return _frame(OP_PONG, payload)
+    return _control(OP_PONG, payload)

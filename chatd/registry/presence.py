@@ -1,7 +1,7 @@
 """Presence: one status per user, aggregated over all the user's connections.
 
-A user is ``online`` if any connection says online, else ``away`` if any says
-away, else ``offline`` (no connection, or every one ``invisible``). Changes are
+A user is ``offline`` with no connection or if any connection is ``invisible``;
+otherwise ``online`` if any connection says online, else ``away``. Changes are
 collected and sent every ``window`` seconds as one ``presence`` frame per
 watcher holding only what changed (coalesced: a flap inside one window that
 ends where it started sends nothing). Watchers of a user are the sessions of
@@ -24,6 +24,8 @@ Encode = Callable[[dict], bytes]
 
 def aggregate(statuses: Iterable[str]) -> str:
     seen = set(statuses)
+    if "invisible" in seen:
+        return "offline"  # one invisible device hides the user everywhere
     if "online" in seen:
         return "online"
     if "away" in seen:
@@ -43,7 +45,7 @@ class Presence:
         self.subscribers: dict[str, set[Session]] = {}
         self._sent: dict[str, str] = {}       # what watchers were last told, per user
         self._changed: set[str] = set()
-        self._receipts: dict[tuple[int, str], int] = {}
+        self._receipts: dict[tuple[int, str], tuple[int, Session | None]] = {}
         self._wake = trio.Event()
 
     # --- state changes --------------------------------------------------------------
@@ -98,10 +100,11 @@ class Presence:
                 if not subs:
                     del self.subscribers[user]
 
-    def note_receipt(self, room_id: int, user_id: str, read_seq: int) -> None:
+    def note_receipt(self, room_id: int, user_id: str, read_seq: int, origin: Session | None = None) -> None:
+        """Queue a receipt for the room's other members and the user's other connections."""
         key = (room_id, user_id)
-        if read_seq > self._receipts.get(key, -1):
-            self._receipts[key] = read_seq
+        if read_seq > self._receipts.get(key, (-1, None))[0]:
+            self._receipts[key] = (read_seq, origin)
             self._wake.set()
 
     # --- sending --------------------------------------------------------------------
@@ -140,9 +143,9 @@ class Presence:
         for session, infos in per_session.items():
             session.deliver(self.encode({"type": "presence", "users": infos}))
         receipts, self._receipts = self._receipts, {}
-        for (room_id, user_id), read_seq in receipts.items():
+        for (room_id, user_id), (read_seq, origin) in receipts.items():
             frame = self.encode({"type": "receipt", "room_id": room_id, "user_id": user_id, "read_seq": read_seq})
-            self.rooms.broadcast(room_id, frame)
+            self.rooms.broadcast(room_id, frame, skip_session=origin)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -32,7 +32,7 @@ class Rooms:
         sessions = self.by_user.setdefault(session.user_id, [])
         sessions.append(session)
         for room_id in room_ids:
-            self._enter(session, room_id)
+            self.enter(session, room_id)
         return len(sessions) == 1
 
     def detach(self, session: Session) -> bool:
@@ -55,11 +55,11 @@ class Rooms:
     def sessions_of(self, user_id: str) -> list[Session]:
         return self.by_user.get(user_id, [])
 
-    def _enter(self, session: Session, room_id: int) -> None:
+    def enter(self, session: Session, room_id: int) -> None:
         session.rooms.add(room_id)
         self.members.setdefault(room_id, set()).add(session)
 
-    def _leave(self, session: Session, room_id: int) -> None:
+    def leave(self, session: Session, room_id: int) -> None:
         session.rooms.discard(room_id)
         members = self.members.get(room_id)
         if members is not None:
@@ -69,14 +69,14 @@ class Rooms:
 
     # --- fan-out --------------------------------------------------------------------
 
-    def broadcast(self, room_id: int, frame: bytes, *, skip_user: str | None = None) -> int:
+    def broadcast(self, room_id: int, frame: bytes, *, skip_user: str | None = None, skip_session: Session | None = None) -> int:
         """Hand ``frame`` to every local session in the room. Never waits."""
         members = self.members.get(room_id)
         if not members:
             return 0
         sent = 0
         for session in tuple(members):
-            if session.user_id == skip_user:
+            if session.user_id == skip_user or session is skip_session:
                 continue
             if not session.deliver(frame):
                 self.slow_consumers += 1
@@ -85,13 +85,22 @@ class Rooms:
         return sent
 
     def publish(self, events: Sequence[RoomEvent]) -> None:
-        """Fan out committed events (already in seq order per room)."""
-        for event in events:
+        """Fan out committed events (sorted by room, then seq)."""
+        for i, event in enumerate(events):
             kind = event.kind
-            if kind == "member_joined":
+            if kind == "room_created":
+                # Members added at creation see the room from seq 1: their joins
+                # follow in the same batch (creation is one mutation).
+                for later in events[i + 1:]:
+                    if later.room_id != event.room_id:
+                        break
+                    if later.kind == "member_joined":
+                        for session in self.sessions_of(later.data["user_id"]):
+                            self.enter(session, event.room_id)
+            elif kind == "member_joined":
                 for session in self.sessions_of(event.data["user_id"]):
-                    self._enter(session, event.room_id)
+                    self.enter(session, event.room_id)
             self.broadcast(event.room_id, self.encode(event.wire()))
             if kind == "member_left":
                 for session in self.sessions_of(event.data["user_id"]):
-                    self._leave(session, event.room_id)
+                    self.leave(session, event.room_id)

@@ -17,6 +17,7 @@ from chatd.protocol import codec
 from chatd.protocol import messages as m
 from chatd.registry.sessions import Session
 from chatd.service.runtime import Service, frame, summary
+from chatd.store import membership as ms
 from chatd.store import mutations as mu
 from chatd.store import reads
 
@@ -70,51 +71,53 @@ def react(service: Service, session: Session, cmd: m.React | m.Unreact) -> objec
 
 
 def mark_read(service: Service, session: Session, cmd: m.MarkRead) -> object:
-    def receipt(result: dict[str, Any]) -> None:
-        service.presence.note_receipt(cmd.room_id, session.user_id, result["read_seq"])
+    mutation = mu.MarkRead(user_id=session.user_id, client_id="", room_id=cmd.room_id, seq=cmd.seq)
 
-    client_id = getattr(cmd, "client_id", None) or ""
-    return _submit(service, session, cmd, mu.MarkRead(user_id=session.user_id, client_id=client_id, room_id=cmd.room_id, seq=cmd.seq), receipt)
+    def receipt(result: dict[str, Any]) -> None:
+        if mutation.advanced:
+            service.presence.note_receipt(cmd.room_id, session.user_id, result["read_seq"], origin=session)
+
+    return _submit(service, session, cmd, mutation, receipt)
 
 
 def create_dm(service: Service, session: Session, cmd: m.CreateDm) -> object:
-    return _submit(service, session, cmd, mu.CreateDm(user_id=session.user_id, client_id=cmd.client_id, other=cmd.user_id))
+    return _submit(service, session, cmd, ms.CreateDm(user_id=session.user_id, client_id=cmd.client_id, other=cmd.user_id))
 
 
 def create_group(service: Service, session: Session, cmd: m.CreateGroup) -> object:
-    return _submit(service, session, cmd, mu.CreateGroup(
+    return _submit(service, session, cmd, ms.CreateGroup(
         user_id=session.user_id, client_id=cmd.client_id, title=cmd.title, members=list(cmd.members), public=cmd.public,
         max_members=service.config.limits.max_group_members,
     ))
 
 
 def join(service: Service, session: Session, cmd: m.Join) -> object:
-    return _submit(service, session, cmd, mu.Join(user_id=session.user_id, client_id=cmd.client_id, room_id=cmd.room_id))
+    return _submit(service, session, cmd, ms.Join(user_id=session.user_id, client_id=cmd.client_id, room_id=cmd.room_id))
 
 
 def leave(service: Service, session: Session, cmd: m.Leave) -> object:
-    return _submit(service, session, cmd, mu.Leave(user_id=session.user_id, client_id=cmd.client_id, room_id=cmd.room_id))
+    return _submit(service, session, cmd, ms.Leave(user_id=session.user_id, client_id=cmd.client_id, room_id=cmd.room_id))
 
 
 def add_member(service: Service, session: Session, cmd: m.AddMember) -> object:
-    return _submit(service, session, cmd, mu.AddMember(
+    return _submit(service, session, cmd, ms.AddMember(
         user_id=session.user_id, client_id=cmd.client_id, room_id=cmd.room_id, target=cmd.user_id, role=cmd.role,
         max_members=service.config.limits.max_group_members,
     ))
 
 
 def remove_member(service: Service, session: Session, cmd: m.RemoveMember) -> object:
-    return _submit(service, session, cmd, mu.RemoveMember(user_id=session.user_id, client_id=cmd.client_id, room_id=cmd.room_id, target=cmd.user_id))
+    return _submit(service, session, cmd, ms.RemoveMember(user_id=session.user_id, client_id=cmd.client_id, room_id=cmd.room_id, target=cmd.user_id))
 
 
 def set_role(service: Service, session: Session, cmd: m.SetRole) -> object:
-    return _submit(service, session, cmd, mu.SetRole(
+    return _submit(service, session, cmd, ms.SetRole(
         user_id=session.user_id, client_id=cmd.client_id, room_id=cmd.room_id, target=cmd.user_id, role=cmd.role
     ))
 
 
 def update_room(service: Service, session: Session, cmd: m.UpdateRoom) -> object:
-    return _submit(service, session, cmd, mu.UpdateRoom(user_id=session.user_id, client_id=cmd.client_id, room_id=cmd.room_id, title=cmd.title))
+    return _submit(service, session, cmd, ms.UpdateRoom(user_id=session.user_id, client_id=cmd.client_id, room_id=cmd.room_id, title=cmd.title))
 
 
 # --- ephemeral commands --------------------------------------------------------------
@@ -135,17 +138,16 @@ def set_presence(service: Service, session: Session, cmd: m.SetPresence) -> dict
 
 async def subscribe_presence(service: Service, session: Session, cmd: m.SubscribePresence) -> dict[str, Any]:
     users = list(dict.fromkeys(cmd.user_ids))
-    if len(session.watching | set(users)) > service.limits.max_presence_subscriptions:
-        raise errors.TooLarge("too many presence subscriptions", limit=service.limits.max_presence_subscriptions)
-    service.presence.subscribe(session, users)
-    missing = [u for u in users if u not in service.presence.status and u not in service.presence.last_seen]
+    limit = service.limits.max_presence_subscriptions
+    if len(session.watching | set(users)) > limit:
+        raise errors.TooLarge("too many presence subscriptions", field="$.user_ids", max=limit, unit="items")
+    visible = set(await reads.room_mates(service.pool, session.user_id, users))
+    service.presence.subscribe(session, [u for u in users if u in visible])
+    missing = [u for u in visible if u not in service.presence.status and u not in service.presence.last_seen]
     if missing:
-        for row in await service.pool.fetch(
-            "SELECT id, extract(epoch FROM last_seen)::float8 AS last_seen FROM users WHERE id = ANY(%s) AND last_seen IS NOT NULL",
-            (missing,),
-        ):
-            service.presence.last_seen.setdefault(row["id"], row["last_seen"])
-    return {"presence": [service.presence.info(u) for u in users]}
+        for user_id, last_seen in (await reads.last_seen(service.pool, missing)).items():
+            service.presence.last_seen.setdefault(user_id, last_seen)
+    return {"presence": [service.presence.info(u) if u in visible else {"user_id": u, "status": "offline"} for u in users]}
 
 
 def unsubscribe_presence(service: Service, session: Session, cmd: m.UnsubscribePresence) -> dict[str, Any]:
@@ -163,14 +165,15 @@ def ping(service: Service, session: Session, cmd: m.Ping) -> dict[str, Any]:
 async def history(service: Service, session: Session, cmd: m.History) -> dict[str, Any]:
     member = await reads.membership(service.pool, cmd.room_id, session.user_id)
     limit = cmd.limit or service.limits.history_page_max
-    if cmd.after is not None:
-        events, more = await reads.page(service.pool, cmd.room_id, after=cmd.after, floor=member["joined_seq"], limit=limit)
-    else:
-        events, more = await reads.page(service.pool, cmd.room_id, before=cmd.before, floor=member["joined_seq"], limit=limit)
+    events, more = await reads.page(
+        service.pool, cmd.room_id, after=cmd.after, before=cmd.before, floor=member["joined_seq"], limit=limit
+    )
     return {"events": [e.wire() for e in events], "has_more": more}
 
 
 async def sync(service: Service, session: Session, cmd: m.Sync) -> dict[str, Any]:
+    """Missed events per listed room; a snapshot when a room is too far behind (or the
+    client claims a seq past the room's end); removed and added rooms."""
     limit = cmd.limit or service.limits.sync_page_max
     current = {r["room_id"]: r for r in await reads.room_summaries(service.pool, session.user_id)}
     rooms, removed = [], []
@@ -179,17 +182,16 @@ async def sync(service: Service, session: Session, cmd: m.Sync) -> dict[str, Any
         if row is None:
             removed.append(room_id)
             continue
-        floor = row["joined_seq"]
-        entry: dict[str, Any] = {"room_id": room_id, "last_seq": row["last_seq"]}
-        if row["last_seq"] - max(have, floor - 1) > service.config.limits.retention_events:
-            snap = await reads.room_snapshot(service.pool, room_id, floor=floor, latest=limit)
-            snap["latest"] = [e.wire() for e in snap["latest"]]
-            snap["room"] = {k: v for k, v in snap["room"].items()}
-            entry.update(events=[], has_more=False, too_far_behind=True, snapshot=snap)
-        else:
-            events, more = await reads.page(service.pool, room_id, after=have, floor=floor, limit=limit)
-            entry.update(events=[e.wire() for e in events], has_more=more, too_far_behind=False)
-        rooms.append(entry)
+        last, floor = row["last_seq"], row["joined_seq"]
+        if have == last:
+            continue  # nothing new
+        if have > last or last - max(have, floor - 1) > service.limits.sync_gap_max:
+            snap = await reads.room_snapshot(service.pool, room_id, session.user_id, floor=floor, latest=limit)
+            rooms.append({"room_id": room_id, "events": [], "has_more": False, "too_far_behind": True, "snapshot": snap})
+            continue
+        events, more = await reads.page(service.pool, room_id, after=have, floor=floor, limit=limit)
+        if events or more:
+            rooms.append({"room_id": room_id, "events": [e.wire() for e in events], "has_more": more, "too_far_behind": False})
     added = [summary(r) for rid, r in current.items() if rid not in cmd.rooms]
     return {"rooms": rooms, "removed": removed, "added": added}
 

@@ -25,7 +25,8 @@ from chatd.registry.rooms import Rooms
 from chatd.registry.sessions import Session
 from chatd.registry.typing import Typing
 from chatd.store import reads
-from chatd.store.mutations import CreateDm, Mutation
+from chatd.store.membership import CreateDm
+from chatd.store.mutations import Mutation
 from chatd.store.pool import Pool
 from chatd.store.writer import Writer
 
@@ -84,29 +85,38 @@ class Service:
         """Raises errors.Unauthorized / TokenExpired / Unavailable (key fetch)."""
         return await self.verifier.verify(token)
 
-    async def open_session(self, outbox: Any, identity: Identity, hello: messages.Hello, log_: Any) -> tuple[Session, dict[str, Any]]:
+    async def open_session(self, outbox: Any, identity: Identity, hello: messages.Hello, log_: Any) -> tuple[Session, messages.Welcome]:
         """Register a connection for ``identity``; returns the session and the welcome body."""
         user_id = identity.user_id
         user = await reads.ensure_user(self.pool, user_id)
         if user["disabled"]:
             raise errors.Forbidden("this account is disabled")
-        summaries = await reads.room_summaries(self.pool, user_id)
         device = hello.device or ""
         session = Session(user_id, outbox, device=device, expires_at=identity.expires_at, log=log_)
-        first = self.rooms.attach(session, [r["room_id"] for r in summaries])
+        # Receive live events before reading last_seq (docs/protocol.md §9): a room's
+        # events after the summary are then never missed, at worst seen twice.
+        first = self.rooms.attach(session, await reads.current_room_ids(self.pool, user_id))
         self.sessions.add(session)
-        if first:
-            self.presence.set_peers(user_id, await reads.dm_peers(self.pool, user_id))
+        try:
+            summaries = await reads.room_summaries(self.pool, user_id)
+            for row in summaries:
+                if row["room_id"] not in session.rooms:
+                    self.rooms.enter(session, row["room_id"])
+            if first:
+                self.presence.set_peers(user_id, await reads.dm_peers(self.pool, user_id))
+        except BaseException:
+            await self.close_session(session)
+            raise
         self.presence.recompute(user_id)
-        welcome = {
-            "session_id": uuid.uuid4().hex,
-            "server": f"chatd/{chatd.__version__}",
-            "protocol": chatd.PROTOCOL_VERSION,
-            "user": {"id": user_id},
-            "limits": self.limits,
-            "rooms": [summary(r) for r in summaries],
-            "token_expires_at": identity.expires_at,
-        }
+        welcome = messages.Welcome(
+            session_id=uuid.uuid4().hex,
+            server=f"chatd/{chatd.__version__}",
+            protocol=chatd.PROTOCOL_VERSION,
+            user=messages.UserInfo(id=user_id),
+            limits=self.limits,
+            rooms=[summary(r) for r in summaries],
+            token_expires_at=identity.expires_at,
+        )
         return session, welcome
 
     async def close_session(self, session: Session) -> None:
@@ -137,18 +147,9 @@ class Service:
 
 
 def summary(row: dict[str, Any]) -> dict[str, Any]:
-    out = {
-        "room_id": row["room_id"],
-        "kind": row["kind"],
-        "title": row["title"],
-        "role": row["role"],
-        "last_seq": row["last_seq"],
-        "read_seq": row["read_seq"],
-        "unread": row["unread"],
-    }
-    if "peer" in row:
-        out["peer"] = row["peer"]
-    return out
+    """RoomSummary (docs/protocol.md §5.2) from a reads.room_summaries row."""
+    keys = ("room_id", "kind", "title", "role", "public", "last_seq", "read_seq", "unread", "joined_seq", "peer")
+    return {k: row[k] for k in keys if k in row}
 
 
 @asynccontextmanager

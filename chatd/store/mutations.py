@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar
 from chatd import errors
 from chatd.domain import rules
 from chatd.domain.model import RoomEvent, dm_key
+from chatd.store import reads
 from chatd.store.driver import TrioConnection
 
 Done = Callable[[Any, "errors.ChatdError | None"], None]
@@ -75,6 +76,31 @@ class Tx:
         )
         return row["role"] if row else None
 
+    async def member_room(self, room_id: int, user_id: str) -> dict[str, Any]:
+        """Lock the room and return it with the caller's role.
+
+        Raises NotFound when the room does not exist or the caller is not a
+        member: rooms a user cannot see do not exist for them.
+        """
+        row = await self.fetchone("SELECT id, kind, title, public, last_seq FROM rooms WHERE id = %s FOR UPDATE", (room_id,))
+        role = await self.role_of(room_id, user_id) if row else None
+        if role is None:
+            raise errors.NotFound("no such room", room_id=room_id)
+        row["role"] = role
+        return row
+
+    async def require_users(self, user_ids: list[str]) -> None:
+        """Raises NotFound naming the first user id that has no account."""
+        wanted = sorted(set(user_ids))
+        rows = await self.fetchall("SELECT id FROM users WHERE id = ANY(%s)", (wanted,))
+        missing = sorted(set(wanted) - {r["id"] for r in rows})
+        if missing:
+            raise errors.NotFound("no such user", user_id=missing[0])
+
+    async def room_info(self, room_id: int, viewer: str) -> dict[str, Any]:
+        """RoomInfo (docs/protocol.md §5.2) as ``viewer`` sees it."""
+        return reads.room_info_from(await self.fetchone(reads.ROOM_INFO_SQL, {"viewer": viewer, "room": room_id}))
+
     async def append(self, room: dict[str, Any], kind: str, sender: str, data: dict[str, Any], body: str | None = None) -> RoomEvent:
         """Add one event to a room locked with :meth:`room_for_update`."""
         room["last_seq"] += 1
@@ -89,11 +115,6 @@ class Tx:
         self.events.append(event)
         return event
 
-    async def ensure_users(self, user_ids: list[str]) -> None:
-        await self.conn.execute(
-            "INSERT INTO users (id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING", (sorted(set(user_ids)),)
-        )
-
     async def apply_one(self, mutation: Mutation) -> tuple[Any, errors.ChatdError | None]:
         """Run one non-send mutation in a savepoint, with its idempotency record."""
         if mutation.client_id:
@@ -101,7 +122,7 @@ class Tx:
                 "SELECT result FROM idempotency WHERE user_id = %s AND client_id = %s", (mutation.user_id, mutation.client_id)
             )
             if previous is not None:
-                return {**previous["result"], "duplicate": True}, None
+                return previous["result"], None
         self._savepoints += 1
         name = f"m{self._savepoints}"
         mark = len(self.events)
@@ -159,18 +180,23 @@ async def send_batch(tx: Tx, sends: list[Send]) -> list[tuple[Any, errors.ChatdE
             fresh.append(i)
     if fresh:
         pairs = await tx.fetchall(
-            "SELECT m.room_id, m.user_id FROM members m"
+            "SELECT m.room_id, m.user_id, m.joined_seq FROM members m"
             " JOIN unnest(%s::bigint[], %s::text[]) AS k(room_id, user_id) USING (room_id, user_id)"
             " WHERE m.left_seq IS NULL",
             ([sends[i].room_id for i in fresh], [sends[i].user_id for i in fresh]),
         )
-        allowed = {(r["room_id"], r["user_id"]) for r in pairs}
+        allowed = {(r["room_id"], r["user_id"]): r["joined_seq"] for r in pairs}
+        replies = await _valid_replies(tx, [sends[i] for i in fresh if sends[i].reply_to is not None])
         accepted = []
         for i in fresh:
-            if (sends[i].room_id, sends[i].user_id) in allowed:
-                accepted.append(i)
+            s = sends[i]
+            joined = allowed.get((s.room_id, s.user_id))
+            if joined is None:
+                outcomes[i] = (None, errors.NotFound("no such room", room_id=s.room_id))
+            elif s.reply_to is not None and not (s.reply_to >= joined and (s.room_id, s.reply_to) in replies):
+                outcomes[i] = (None, errors.NotFound("reply_to names no message you can see", field="$.reply_to"))
             else:
-                outcomes[i] = (None, errors.Forbidden("not a member of this room", room_id=sends[i].room_id))
+                accepted.append(i)
         if accepted:
             await _insert_messages(tx, sends, accepted, outcomes)
     for key, i in first_in_batch.items():
@@ -179,6 +205,17 @@ async def send_batch(tx: Tx, sends: list[Send]) -> list[tuple[Any, errors.ChatdE
             result, error = outcomes[i]
             outcomes[j] = ({**result, "duplicate": True} if result else None, error)
     return outcomes
+
+
+async def _valid_replies(tx: Tx, sends: list[Send]) -> set[tuple[int, int]]:
+    if not sends:
+        return set()
+    rows = await tx.fetchall(
+        "SELECT e.room_id, e.seq FROM events e JOIN unnest(%s::bigint[], %s::bigint[]) AS k(room_id, seq)"
+        " USING (room_id, seq) WHERE e.kind = 'message'",
+        ([s.room_id for s in sends], [s.reply_to for s in sends]),
+    )
+    return {(r["room_id"], r["seq"]) for r in rows}
 
 
 async def _insert_messages(tx: Tx, sends: list[Send], accepted: list[int], outcomes: list) -> None:
@@ -206,7 +243,7 @@ async def _insert_messages(tx: Tx, sends: list[Send], accepted: list[int], outco
         data: dict[str, Any] = {"body": s.body}
         if s.reply_to is not None:
             data["reply_to"] = s.reply_to
-        result = {"seq": seq, "at": at, "room_id": s.room_id}
+        result = {"seq": seq, "at": at}
         outcomes[i] = ({**result, "duplicate": False}, None)
         tx.events.append(RoomEvent(s.room_id, seq, "message", s.user_id, at, data))
         cols["room"].append(s.room_id)
@@ -234,21 +271,26 @@ async def _insert_messages(tx: Tx, sends: list[Send], accepted: list[int], outco
 
 
 async def _own_message(tx: Tx, room_id: int, seq: int, user_id: str, *, moderators_too: bool) -> dict[str, Any]:
-    room = await tx.room_for_update(room_id)
-    role = await tx.role_of(room_id, user_id)
-    if role is None:
-        raise errors.Forbidden("not a member of this room", room_id=room_id)
+    room = await tx.member_room(room_id, user_id)
+    await _visible_message(tx, room_id, seq, user_id)
+    msg = await tx.fetchone("SELECT sender FROM events WHERE room_id = %s AND seq = %s", (room_id, seq))
+    moderator = moderators_too and room["kind"] == "group" and room["role"] in ("owner", "admin")
+    if msg["sender"] != user_id and not moderator:
+        raise errors.Forbidden("not your message", room_id=room_id, seq=seq)
+    return room
+
+
+async def _visible_message(tx: Tx, room_id: int, seq: int, user_id: str) -> None:
+    """Raises NotFound unless ``seq`` is a message the member may see, Conflict if deleted."""
     msg = await tx.fetchone(
-        "SELECT sender, deleted FROM events WHERE room_id = %s AND seq = %s AND kind = 'message'", (room_id, seq)
+        "SELECT e.deleted FROM events e JOIN members m ON m.room_id = e.room_id AND m.user_id = %s"
+        " WHERE e.room_id = %s AND e.seq = %s AND e.kind = 'message' AND e.seq >= m.joined_seq",
+        (user_id, room_id, seq),
     )
     if msg is None:
         raise errors.NotFound("no such message", room_id=room_id, seq=seq)
     if msg["deleted"]:
-        raise errors.Conflict("message was deleted", room_id=room_id, seq=seq)
-    if msg["sender"] != user_id and not (moderators_too and role in ("owner", "admin")):
-        raise errors.Forbidden("not your message", room_id=room_id, seq=seq)
-    room["role"] = role
-    return room
+        raise errors.Conflict("the message was deleted", room_id=room_id, seq=seq)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -264,7 +306,7 @@ class Edit(Mutation):
             "UPDATE events SET body = %s, edited = true WHERE room_id = %s AND seq = %s", (self.body, self.room_id, self.seq)
         )
         event = await tx.append(room, "edited", self.user_id, {"target_seq": self.seq, "body": self.body})
-        return {"seq": event.seq, "target_seq": self.seq, "at": event.at}
+        return {"seq": event.seq, "at": event.at}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -286,7 +328,7 @@ class Delete(Mutation):
         )
         await tx.conn.execute("DELETE FROM reactions WHERE room_id = %s AND seq = %s", (self.room_id, self.seq))
         event = await tx.append(room, "deleted", self.user_id, {"target_seq": self.seq})
-        return {"seq": event.seq, "target_seq": self.seq, "at": event.at}
+        return {"seq": event.seq}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -299,233 +341,56 @@ class React(Mutation):
     command: ClassVar[str] = "react"
 
     async def apply(self, tx: Tx) -> dict[str, Any]:
-        room = await tx.room_for_update(self.room_id)
-        if await tx.role_of(self.room_id, self.user_id) is None:
-            raise errors.Forbidden("not a member of this room", room_id=self.room_id)
-        msg = await tx.fetchone(
-            "SELECT deleted FROM events WHERE room_id = %s AND seq = %s AND kind = 'message'", (self.room_id, self.seq)
-        )
-        if msg is None or msg["deleted"]:
-            raise errors.NotFound("no such message", room_id=self.room_id, seq=self.seq)
+        room = await tx.member_room(self.room_id, self.user_id)
+        await _visible_message(tx, self.room_id, self.seq, self.user_id)
+        key = (self.room_id, self.seq, self.emoji, self.user_id)
         if self.add:
             distinct = await tx.fetchone(
-                "SELECT count(DISTINCT emoji) AS n, bool_or(emoji = %s) AS present FROM reactions WHERE room_id = %s AND seq = %s",
+                "SELECT count(DISTINCT emoji) AS n, coalesce(bool_or(emoji = %s), false) AS present"
+                " FROM reactions WHERE room_id = %s AND seq = %s",
                 (self.emoji, self.room_id, self.seq),
             )
             if not distinct["present"] and distinct["n"] >= self.max_reactions:
-                raise errors.TooLarge("too many different reactions on this message", limit=self.max_reactions)
+                raise errors.Conflict("too many different reactions on this message", reason="too_many_reactions")
             changed = await tx.fetchone(
                 "INSERT INTO reactions (room_id, seq, emoji, user_id) VALUES (%s, %s, %s, %s)"
                 " ON CONFLICT DO NOTHING RETURNING 1 AS ok",
-                (self.room_id, self.seq, self.emoji, self.user_id),
+                key,
             )
+            if changed is None:
+                raise errors.Conflict("you already reacted with this emoji")
         else:
             changed = await tx.fetchone(
                 "DELETE FROM reactions WHERE room_id = %s AND seq = %s AND emoji = %s AND user_id = %s RETURNING 1 AS ok",
-                (self.room_id, self.seq, self.emoji, self.user_id),
+                key,
             )
-        if changed is None:
-            # Already in the asked state: nothing new enters the log.
-            return {"seq": None, "target_seq": self.seq, "changed": False}
+            if changed is None:
+                raise errors.NotFound("you have not reacted with this emoji")
         kind = "reaction_added" if self.add else "reaction_removed"
         event = await tx.append(room, kind, self.user_id, {"target_seq": self.seq, "emoji": self.emoji})
-        return {"seq": event.seq, "target_seq": self.seq, "changed": True}
+        return {"seq": event.seq}
 
 
 @dataclass(slots=True, kw_only=True)
 class MarkRead(Mutation):
+    """Monotonic read watermark, clamped to the room's last seq. ``advanced``
+    tells the caller whether a receipt is due."""
+
     room_id: int
     seq: int
+    advanced: bool = False
     command: ClassVar[str] = "mark_read"
 
     async def apply(self, tx: Tx) -> dict[str, Any]:
         row = await tx.fetchone(
-            "UPDATE members m SET read_seq = greatest(m.read_seq, least(%s, r.last_seq))"
-            " FROM rooms r WHERE r.id = m.room_id AND m.room_id = %s AND m.user_id = %s AND m.left_seq IS NULL"
-            " RETURNING m.read_seq",
-            (self.seq, self.room_id, self.user_id),
+            "WITH old AS (SELECT m.read_seq FROM members m WHERE m.room_id = %(room)s AND m.user_id = %(user)s"
+            " AND m.left_seq IS NULL FOR UPDATE)"
+            " UPDATE members m SET read_seq = greatest(m.read_seq, least(%(seq)s, r.last_seq))"
+            " FROM rooms r, old WHERE r.id = m.room_id AND m.room_id = %(room)s AND m.user_id = %(user)s"
+            " RETURNING m.read_seq, old.read_seq AS before",
+            {"room": self.room_id, "user": self.user_id, "seq": self.seq},
         )
         if row is None:
-            raise errors.Forbidden("not a member of this room", room_id=self.room_id)
-        return {"room_id": self.room_id, "read_seq": row["read_seq"]}
-
-
-# --- rooms and membership -------------------------------------------------------------
-
-
-@dataclass(slots=True, kw_only=True)
-class CreateGroup(Mutation):
-    title: str
-    members: list[str] = field(default_factory=list)
-    public: bool = False
-    max_members: int = 1000
-    command: ClassVar[str] = "create_group"
-
-    async def apply(self, tx: Tx) -> dict[str, Any]:
-        others = sorted(set(self.members) - {self.user_id})
-        if len(others) + 1 > self.max_members:
-            raise errors.TooLarge("too many members", limit=self.max_members)
-        await tx.ensure_users([self.user_id, *others])
-        row = await tx.fetchone(
-            "INSERT INTO rooms (kind, title, public, created_by) VALUES ('group', %s, %s, %s)"
-            " RETURNING id, kind, title, public, last_seq",
-            (self.title, self.public, self.user_id),
-        )
-        await tx.append(row, "room_created", self.user_id, {"title": self.title, "kind": "group", "public": self.public})
-        await _add_member(tx, row, self.user_id, "owner", by=self.user_id)
-        for user in others:
-            await _add_member(tx, row, user, "member", by=self.user_id)
-        return {"room_id": row["id"], "seq": row["last_seq"]}
-
-
-@dataclass(slots=True, kw_only=True)
-class CreateDm(Mutation):
-    other: str
-    command: ClassVar[str] = "create_dm"
-
-    async def apply(self, tx: Tx) -> dict[str, Any]:
-        if self.other == self.user_id:
-            raise errors.InvalidField("a direct message needs another user", field="$.user_id")
-        key = dm_key(self.user_id, self.other)
-        await tx.ensure_users([self.user_id, self.other])
-        row = await tx.fetchone(
-            "INSERT INTO rooms (kind, title, dm_key, created_by) VALUES ('dm', '', %s, %s)"
-            " ON CONFLICT (dm_key) DO NOTHING RETURNING id, kind, title, public, last_seq",
-            (key, self.user_id),
-        )
-        if row is None:  # the pair already has its DM: the same room, always
-            existing = await tx.fetchone("SELECT id, last_seq FROM rooms WHERE dm_key = %s", (key,))
-            return {"room_id": existing["id"], "seq": existing["last_seq"], "created": False}
-        await tx.append(row, "room_created", self.user_id, {"title": "", "kind": "dm", "public": False})
-        for user in sorted({self.user_id, self.other}):
-            await _add_member(tx, row, user, "member", by=self.user_id)
-        return {"room_id": row["id"], "seq": row["last_seq"], "created": True}
-
-
-async def _add_member(tx: Tx, room: dict[str, Any], user_id: str, role: str, *, by: str | None) -> RoomEvent:
-    event = await tx.append(room, "member_joined", by or user_id, {"user_id": user_id, "role": role, "by": by})
-    await tx.conn.execute(
-        "INSERT INTO members (room_id, user_id, role, joined_seq, read_seq) VALUES (%s, %s, %s, %s, %s)"
-        " ON CONFLICT (room_id, user_id) DO UPDATE SET role = excluded.role, joined_seq = excluded.joined_seq,"
-        " left_seq = NULL, left_at = NULL, joined_at = now(), read_seq = excluded.read_seq",
-        (room["id"], user_id, role, event.seq, event.seq),
-    )
-    return event
-
-
-async def _remove_member(tx: Tx, room: dict[str, Any], user_id: str, *, by: str, removed: bool) -> RoomEvent:
-    event = await tx.append(room, "member_left", by, {"user_id": user_id, "by": by, "removed": removed})
-    await tx.conn.execute(
-        "UPDATE members SET left_seq = %s, left_at = now() WHERE room_id = %s AND user_id = %s",
-        (event.seq, room["id"], user_id),
-    )
-    return event
-
-
-@dataclass(slots=True, kw_only=True)
-class Join(Mutation):
-    room_id: int
-    command: ClassVar[str] = "join"
-
-    async def apply(self, tx: Tx) -> dict[str, Any]:
-        room = await tx.room_for_update(self.room_id)
-        rules.check_join(room["kind"], room["public"], await tx.role_of(self.room_id, self.user_id) is not None)
-        await tx.ensure_users([self.user_id])
-        event = await _add_member(tx, room, self.user_id, "member", by=None)
-        return {"room_id": self.room_id, "seq": event.seq}
-
-
-@dataclass(slots=True, kw_only=True)
-class Leave(Mutation):
-    room_id: int
-    command: ClassVar[str] = "leave"
-
-    async def apply(self, tx: Tx) -> dict[str, Any]:
-        room = await tx.room_for_update(self.room_id)
-        role = await tx.role_of(self.room_id, self.user_id)
-        rules.check_leave(room["kind"], role is not None)
-        event = await _remove_member(tx, room, self.user_id, by=self.user_id, removed=False)
-        if role == "owner":
-            await _hand_over_ownership(tx, room)
-        return {"room_id": self.room_id, "seq": event.seq}
-
-
-async def _hand_over_ownership(tx: Tx, room: dict[str, Any]) -> None:
-    rows = await tx.fetchall(
-        "SELECT user_id, role, joined_seq FROM members WHERE room_id = %s AND left_seq IS NULL", (room["id"],)
-    )
-    if any(r["role"] == "owner" for r in rows):
-        return
-    heir = rules.successor([(r["user_id"], r["role"], r["joined_seq"]) for r in rows])
-    if heir is not None:
-        await tx.conn.execute("UPDATE members SET role = 'owner' WHERE room_id = %s AND user_id = %s", (room["id"], heir))
-        await tx.append(room, "role_changed", heir, {"user_id": heir, "role": "owner", "by": None})
-
-
-@dataclass(slots=True, kw_only=True)
-class AddMember(Mutation):
-    room_id: int
-    target: str
-    role: str = "member"
-    max_members: int = 1000
-    command: ClassVar[str] = "add_member"
-
-    async def apply(self, tx: Tx) -> dict[str, Any]:
-        room = await tx.room_for_update(self.room_id)
-        rules.check_add(room["kind"], await tx.role_of(self.room_id, self.user_id), self.role)
-        if await tx.role_of(self.room_id, self.target) is not None:
-            raise errors.Conflict("already a member", user_id=self.target)
-        count = await tx.fetchone("SELECT count(*) AS n FROM members WHERE room_id = %s AND left_seq IS NULL", (self.room_id,))
-        if count["n"] >= self.max_members:
-            raise errors.TooLarge("the room is full", limit=self.max_members)
-        await tx.ensure_users([self.target])
-        event = await _add_member(tx, room, self.target, self.role, by=self.user_id)
-        return {"room_id": self.room_id, "seq": event.seq}
-
-
-@dataclass(slots=True, kw_only=True)
-class RemoveMember(Mutation):
-    room_id: int
-    target: str
-    command: ClassVar[str] = "remove_member"
-
-    async def apply(self, tx: Tx) -> dict[str, Any]:
-        room = await tx.room_for_update(self.room_id)
-        actor_role = await tx.role_of(self.room_id, self.user_id)
-        target_role = await tx.role_of(self.room_id, self.target)
-        rules.check_remove(room["kind"], self.user_id, actor_role, self.target, target_role)
-        event = await _remove_member(tx, room, self.target, by=self.user_id, removed=True)
-        return {"room_id": self.room_id, "seq": event.seq}
-
-
-@dataclass(slots=True, kw_only=True)
-class SetRole(Mutation):
-    room_id: int
-    target: str
-    role: str
-    command: ClassVar[str] = "set_role"
-
-    async def apply(self, tx: Tx) -> dict[str, Any]:
-        room = await tx.room_for_update(self.room_id)
-        actor_role = await tx.role_of(self.room_id, self.user_id)
-        target_role = await tx.role_of(self.room_id, self.target)
-        rules.check_set_role(room["kind"], self.user_id, actor_role, self.target, target_role, self.role)
-        await tx.conn.execute(
-            "UPDATE members SET role = %s WHERE room_id = %s AND user_id = %s", (self.role, self.room_id, self.target)
-        )
-        event = await tx.append(room, "role_changed", self.user_id, {"user_id": self.target, "role": self.role, "by": self.user_id})
-        return {"room_id": self.room_id, "seq": event.seq}
-
-
-@dataclass(slots=True, kw_only=True)
-class UpdateRoom(Mutation):
-    room_id: int
-    title: str
-    command: ClassVar[str] = "update_room"
-
-    async def apply(self, tx: Tx) -> dict[str, Any]:
-        room = await tx.room_for_update(self.room_id)
-        rules.check_update(room["kind"], await tx.role_of(self.room_id, self.user_id))
-        await tx.conn.execute("UPDATE rooms SET title = %s WHERE id = %s", (self.title, self.room_id))
-        event = await tx.append(room, "room_updated", self.user_id, {"title": self.title})
-        return {"room_id": self.room_id, "seq": event.seq}
+            raise errors.NotFound("no such room", room_id=self.room_id)
+        self.advanced = row["read_seq"] > row["before"]
+        return {"read_seq": row["read_seq"]}

@@ -17,6 +17,22 @@ from chatd.store.pool import Pool
 
 UNREAD_CAP = 10000
 
+# RoomInfo (docs/protocol.md §5.2) of room %(room)s as %(viewer)s sees it.
+ROOM_INFO_SQL = (
+    "SELECT r.id AS room_id, r.kind, r.title, r.public, r.created_by,"
+    " extract(epoch FROM r.created_at)::float8 AS created_at, r.last_seq,"
+    " (SELECT count(*) FROM members m WHERE m.room_id = r.id AND m.left_seq IS NULL) AS member_count,"
+    " (SELECT o.user_id FROM members o WHERE r.kind = 'dm' AND o.room_id = r.id AND o.user_id <> %(viewer)s LIMIT 1) AS peer"
+    " FROM rooms r WHERE r.id = %(room)s"
+)
+
+
+def room_info_from(row: dict[str, Any]) -> dict[str, Any]:
+    if row.get("peer") is None:
+        row.pop("peer", None)
+    return row
+
+
 _EVENT_COLUMNS = "room_id, seq, kind, sender, extract(epoch FROM created_at)::float8 AS at, data, body, edited, deleted"
 
 
@@ -52,6 +68,29 @@ async def room_summaries(pool: Pool, user_id: str, room_ids: list[int] | None = 
     return rows
 
 
+async def current_room_ids(pool: Pool, user_id: str) -> list[int]:
+    rows = await pool.fetch("SELECT room_id FROM members WHERE user_id = %s AND left_seq IS NULL", (user_id,))
+    return [r["room_id"] for r in rows]
+
+
+async def room_mates(pool: Pool, user_id: str, candidates: list[str]) -> list[str]:
+    """Those of ``candidates`` who share at least one room with ``user_id``."""
+    rows = await pool.fetch(
+        "SELECT DISTINCT o.user_id FROM members m JOIN members o ON o.room_id = m.room_id AND o.left_seq IS NULL"
+        " WHERE m.user_id = %s AND m.left_seq IS NULL AND o.user_id = ANY(%s)",
+        (user_id, candidates),
+    )
+    return [r["user_id"] for r in rows]
+
+
+async def last_seen(pool: Pool, user_ids: list[str]) -> dict[str, float]:
+    rows = await pool.fetch(
+        "SELECT id, extract(epoch FROM last_seen)::float8 AS seen FROM users WHERE id = ANY(%s) AND last_seen IS NOT NULL",
+        (user_ids,),
+    )
+    return {r["id"]: r["seen"] for r in rows}
+
+
 async def membership(pool: Pool, room_id: int, user_id: str) -> dict[str, Any]:
     """The caller's current membership row. Raises NotFound (no room) or Forbidden."""
     row = await pool.fetchone(
@@ -83,25 +122,36 @@ async def dm_peers(pool: Pool, user_id: str) -> list[str]:
 
 
 async def page(pool: Pool, room_id: int, *, after: int | None = None, before: int | None = None, floor: int, limit: int) -> tuple[list[RoomEvent], bool]:
-    """Events of one room with seq > after (ascending) or seq < before (latest first
-    internally, returned ascending), never below ``floor``; plus whether more exist."""
+    """One page of a room's log, ascending, never below ``floor`` (docs/protocol.md §4).
+
+    Only ``after``: the oldest events after it. ``before`` (with or without
+    ``after``): the newest events below it (and above ``after``). Neither: the
+    newest events. Returns the events and whether more exist in that direction.
+    """
+    low = max(floor, (after or 0) + 1)
+    if after is not None and before is None:
+        rows = await pool.fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE room_id = %s AND seq >= %s ORDER BY seq LIMIT %s",
+            (room_id, low, limit + 1),
+        )
+        more = len(rows) > limit
+        return await _events(pool, room_id, rows[:limit]), more
     if after is not None:
+        # A bounded range: oldest first, paging forwards inside it.
         rows = await pool.fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE room_id = %s AND seq > %s AND seq >= %s ORDER BY seq LIMIT %s",
-            (room_id, after, floor, limit + 1),
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE room_id = %s AND seq >= %s AND seq < %s ORDER BY seq LIMIT %s",
+            (room_id, low, before, limit + 1),
         )
-    else:
-        rows = await pool.fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE room_id = %s AND seq < %s AND seq >= %s ORDER BY seq DESC LIMIT %s",
-            (room_id, before if before is not None else 2**62, floor, limit + 1),
-        )
-        rows.reverse()
-        if len(rows) > limit:
-            rows = rows[1:]
-            return await _events(pool, room_id, rows), True
-        return await _events(pool, room_id, rows), False
+        more = len(rows) > limit
+        return await _events(pool, room_id, rows[:limit]), more
+    rows = await pool.fetch(
+        f"SELECT {_EVENT_COLUMNS} FROM events WHERE room_id = %s AND seq >= %s AND seq < %s ORDER BY seq DESC LIMIT %s",
+        (room_id, low, before if before is not None else 2**62, limit + 1),
+    )
     more = len(rows) > limit
-    return await _events(pool, room_id, rows[:limit]), more
+    rows = rows[:limit]
+    rows.reverse()
+    return await _events(pool, room_id, rows), more
 
 
 async def _events(pool: Pool, room_id: int, rows: list[dict[str, Any]]) -> list[RoomEvent]:
@@ -134,16 +184,13 @@ def event_from_row(row: dict[str, Any], reactions: dict[str, list[str]] | None =
     return RoomEvent(row["room_id"], row["seq"], row["kind"], row["sender"], row["at"], data)
 
 
-async def room_snapshot(pool: Pool, room_id: int, *, floor: int, latest: int) -> dict[str, Any]:
-    """Current room state for a client too far behind: room, members, latest page."""
-    room = await pool.fetchone(
-        "SELECT id AS room_id, kind, title, public, created_by, extract(epoch FROM created_at)::float8 AS created_at, last_seq"
-        " FROM rooms WHERE id = %s",
-        (room_id,),
-    )
+async def room_snapshot(pool: Pool, room_id: int, viewer: str, *, floor: int, latest: int) -> dict[str, Any]:
+    """RoomSnapshot for a client too far behind: RoomInfo, members, the newest page."""
+    room = room_info_from(await pool.fetchone(ROOM_INFO_SQL, {"viewer": viewer, "room": room_id}))
     members = await pool.fetch(
-        "SELECT user_id, role, joined_seq, read_seq FROM members WHERE room_id = %s AND left_seq IS NULL ORDER BY joined_seq",
+        "SELECT user_id, role, extract(epoch FROM joined_at)::float8 AS joined_at FROM members"
+        " WHERE room_id = %s AND left_seq IS NULL ORDER BY joined_seq, user_id",
         (room_id,),
     )
-    events, _ = await page(pool, room_id, before=None, floor=floor, limit=latest)
-    return {"room": room, "members": members, "last_seq": room["last_seq"], "latest": events}
+    events, _ = await page(pool, room_id, floor=floor, limit=latest)
+    return {"room": room, "members": members, "last_seq": room["last_seq"], "latest": [e.wire() for e in events]}

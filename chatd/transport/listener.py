@@ -16,7 +16,7 @@ from chatd.protocol.closecodes import RESUME_SYNC, CloseCode
 from chatd.protocol.websocket import encode_binary
 from chatd.service.runtime import Service
 from chatd.transport.session import handle_connection
-from chatd.transport.websocket import ConnectionClosed, HandshakeFailed, WebSocketConnection, accept_websocket
+from chatd.transport.websocket import WebSocketConnection, accept_websocket
 
 log = structlog.get_logger("chatd.ws")
 
@@ -42,18 +42,18 @@ class Listener:
                 max_message_size=cfg.max_frame_bytes,
                 max_pending_bytes=cfg.max_pending_bytes,
                 close_timeout=cfg.close_timeout,
-                path=cfg.path,
+                path_check=lambda path: path.split("?", 1)[0] == cfg.path,
+                slow_reason=lambda: RESUME_SYNC,
             )
-        except (HandshakeFailed, ConnectionClosed, errors.ChatdError, trio.TooSlowError):
-            await stream.aclose()
-            return
+        except errors.ChatdError:
+            return  # answered (400/404/426/...) or timed out; the stream is closed
         self.connections.add(conn)
         self._empty = trio.Event() if self._empty.is_set() else self._empty
         try:
             await handle_connection(conn, self.service)
         finally:
             self.connections.discard(conn)
-            await conn.aclose()
+            await conn.close(CloseCode.NORMAL)
             if not self.connections:
                 self._empty.set()
 

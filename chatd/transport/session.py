@@ -19,7 +19,7 @@ import trio
 from chatd import errors
 from chatd.protocol import codec
 from chatd.protocol import messages as m
-from chatd.protocol.closecodes import CloseCode
+from chatd.protocol.closecodes import CloseCode, handshake_close_code
 from chatd.protocol.websocket import OP_TEXT
 from chatd.service import commands
 from chatd.service.runtime import Service, frame
@@ -82,9 +82,13 @@ async def _refuse(conn: WebSocketConnection, request_id: Any, err: errors.ChatdE
 
 
 async def _hello(conn: WebSocketConnection, service: Service, conn_log: Any):
-    cfg = service.config.websocket
+    """Wait for hello, authenticate, open the session and send welcome.
+
+    Returns the session, or None after answering with an error frame and closing
+    (docs/protocol.md §3: the close code follows the error).
+    """
     received = None
-    with trio.move_on_after(cfg.hello_timeout):
+    with trio.move_on_after(service.config.websocket.hello_timeout):
         received = await conn.receive()
     if received is None:
         await conn.close(CloseCode.AUTH_TIMEOUT, "no hello in time")
@@ -93,39 +97,21 @@ async def _hello(conn: WebSocketConnection, service: Service, conn_log: Any):
     if opcode == OP_TEXT:
         await conn.close(CloseCode.UNSUPPORTED_DATA, "binary MessagePack frames only")
         return None
+    request_id = None
     try:
         cmd = service.decoder.decode(payload)
-    except errors.ChatdError as exc:
-        await _refuse(conn, getattr(exc, "request_id", None), exc, CloseCode.PROTOCOL_ERROR, "bad hello")
-        return None
-    if not isinstance(cmd, m.Hello):
-        err = errors.Unauthorized("the first frame must be hello")
-        await _refuse(conn, cmd.id, err, CloseCode.AUTH_FAILED, "hello expected")
-        return None
-    if cmd.version != 1:
-        err = errors.UnsupportedVersion(f"protocol version {cmd.version} is not supported", supported=[1])
-        await _refuse(conn, cmd.id, err, CloseCode.PROTOCOL_ERROR, "unsupported version")
-        return None
-    try:
+        request_id = cmd.id
+        if not isinstance(cmd, m.Hello):
+            raise errors.Unauthorized("the first frame must be hello")
         identity = await service.authenticate(cmd.token)
-    except errors.TokenExpired as exc:
-        await _refuse(conn, cmd.id, exc, CloseCode.TOKEN_EXPIRED, "token expired")
-        return None
-    except (errors.Unauthorized, errors.Forbidden) as exc:
-        await _refuse(conn, cmd.id, exc, CloseCode.AUTH_FAILED, "authentication failed")
-        return None
-    except errors.Unavailable as exc:
-        await _refuse(conn, cmd.id, exc, CloseCode.INTERNAL_ERROR, "try again later")
-        return None
-    try:
         session, welcome = await service.open_session(conn, identity, cmd, conn_log.bind(user_id=identity.user_id))
-    except errors.Forbidden as exc:
-        await _refuse(conn, cmd.id, exc, CloseCode.AUTH_FAILED, "account disabled")
-        return None
     except errors.ChatdError as exc:
-        await _refuse(conn, cmd.id, exc, CloseCode.INTERNAL_ERROR, "try again later")
+        if request_id is None:
+            request_id = getattr(exc, "request_id", None)
+        conn_log.info("ws.hello_refused", code=exc.code, message=exc.message)
+        await _refuse(conn, request_id, exc, handshake_close_code(exc), exc.code)
         return None
-    conn.deliver(frame(codec.encode_welcome(cmd.id, welcome)))
+    conn.deliver(frame(codec.encode_result(cmd.id, welcome)))
     conn_log.info("ws.hello", user_id=identity.user_id, device=session.device)
     return session
 
@@ -166,16 +152,19 @@ async def _read_commands(conn: WebSocketConnection, service: Service, session, c
         except errors.ChatdError as exc:
             if request_id is None:
                 request_id = getattr(exc, "request_id", None)
-            if isinstance(exc, (errors.BadFrame, errors.UnknownCommand, errors.InvalidField, errors.TooLarge)):
+            if isinstance(exc, (errors.BadFrame, errors.UnknownCommand, errors.InvalidField, errors.TooLarge, errors.RateLimited)):
                 bad_frames += 1
                 conn_log.info("ws.bad_command", code=exc.code, message=exc.message)
                 if bad_frames > cfg.websocket.max_bad_frames:
                     await _refuse(conn, request_id, exc, CloseCode.POLICY_VIOLATION, "too many bad frames")
                     return
-            elif isinstance(exc, errors.Unavailable) and not isinstance(exc, errors.RateLimited):
+                conn.deliver(frame(codec.encode_error(request_id, exc)))
+                continue
+            if isinstance(exc, errors.Unavailable):
                 conn_log.warning("ws.unavailable", message=exc.message)
             conn.deliver(frame(codec.encode_error(request_id, exc)))
             continue
+        bad_frames = 0  # the threshold counts bad commands in a row
         if result is not commands.PENDING:
             conn.deliver(frame(codec.encode_result(request_id, result)))
 

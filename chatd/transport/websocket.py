@@ -26,6 +26,9 @@ from chatd.protocol import websocket as ws
 
 RECEIVE_SIZE = 65536
 _OPEN, _CLOSING, _CLOSED = 0, 1, 2
+# After our close frame is out: wait for the peer's close frame, or half-close and
+# discard input until EOF (the peer broke the protocol), or just hang up.
+_AWAIT_CLOSE, _LINGER, _HANG_UP = 0, 1, 2
 
 
 class ConnectionClosed(ChatdError):
@@ -44,16 +47,14 @@ class ConnectionClosed(ChatdError):
 
 
 def _raw_send(sock: trio.socket.SocketType) -> Callable[[bytes], int]:
-    """A synchronous non-blocking ``send`` for a trio socket.
+    """A synchronous non-blocking ``send`` for a trio socket (trio's own is async).
 
-    trio's ``send`` is async; the fan-out path needs a plain call. trio sockets wrap
-    a non-blocking stdlib socket, whose ``send`` raises BlockingIOError when the
-    buffer is full and - unlike ``os.write(fd)`` - fails with EBADF once the socket is
-    closed instead of writing into whatever socket reuses the descriptor number (a
-    stream closed behind our back, e.g. by ``serve_tcp`` after its handler returned,
-    must never leak a frame to another user). Both calls cost the same (~1.1 µs here).
-    ``_sock`` is trio's private attribute, stable since 2017; if it goes away we fall
-    back to ``os.write`` with a per-call check that the descriptor is still ours.
+    We call the stdlib socket trio wraps (non-blocking: BlockingIOError when full).
+    Unlike ``os.write(fd)``, at the same ~1.1 µs, it fails with EBADF once the socket
+    is closed instead of writing into whichever socket reuses the descriptor number:
+    a stream closed behind our back (``serve_tcp`` closes it after its handler) must
+    never leak a frame to another user. ``_sock`` is private to trio but stable
+    since 2017; without it we use ``os.write`` and re-check the descriptor per call.
     """
     raw = getattr(sock, "_sock", None)
     if isinstance(raw, socket.socket):
@@ -79,7 +80,7 @@ class WebSocketConnection:
         "handshake", "subprotocol", "close_code", "close_reason",
         "_stream", "_sock", "_send", "_reader", "_max_pending", "_close_timeout",
         "_slow_reason", "_direct", "_state", "_pending", "_pending_size", "_partial_head",
-        "_slow", "_write_failed", "_writer_task", "_parked", "_drained", "_receiving",
+        "_slow", "_write_failed", "_writer_task", "_parked", "_flushing", "_drained", "_receiving",
         "_peer_closed", "_peer_close_event", "_close_done", "_inbox", "_inbox_pos",
     )  # fmt: skip
 
@@ -116,6 +117,7 @@ class WebSocketConnection:
         self._write_failed = False
         self._writer_task: trio.lowlevel.Task | None = None
         self._parked: trio.lowlevel.Task | None = None
+        self._flushing = False  # close() is waiting to write: the writer stays parked
         self._drained: trio.Event | None = None
         self._receiving = False
         self._peer_closed = False
@@ -250,12 +252,12 @@ class WebSocketConnection:
         try:
             while self._state != _CLOSED:
                 if self._write_failed:
-                    await self._close(None, ws.CLOSE_ABNORMAL, "connection lost", False)
+                    await self._close(None, ws.CLOSE_ABNORMAL, "connection lost", _HANG_UP)
                 elif self._slow and self._close_done is None:
                     reason = self._slow_reason() if self._slow_reason else "slow consumer"
                     frame = ws.encode_close(ws.CLOSE_SLOW_CONSUMER, reason)
-                    await self._close(frame, ws.CLOSE_SLOW_CONSUMER, reason, True)
-                elif not self._pending:
+                    await self._close(frame, ws.CLOSE_SLOW_CONSUMER, reason, _AWAIT_CLOSE)
+                elif not self._pending or self._flushing:
                     self._parked = task
                     await trio.lowlevel.wait_task_rescheduled(self._abort_park)
                 else:
@@ -263,6 +265,8 @@ class WebSocketConnection:
                     self._write_pending()
         except trio.ClosedResourceError:
             pass  # close() in another task closed the socket while we waited on it
+        except OSError:  # the socket was closed behind our back
+            self._on_write_error()
         finally:
             self._writer_task = None
             self._parked = None
@@ -278,7 +282,14 @@ class WebSocketConnection:
                 self._wake_writer()
                 await self._drained.wait()
             else:
-                await trio.lowlevel.wait_writable(self._sock)
+                # The writer may start while we wait; _flushing keeps it parked, as
+                # trio allows only one task to wait for writability of a socket.
+                self._flushing = True
+                try:
+                    await trio.lowlevel.wait_writable(self._sock)
+                finally:
+                    self._flushing = False
+                    self._wake_writer()
                 self._write_pending()
 
     # --- the read path ------------------------------------------------------------
@@ -313,7 +324,7 @@ class WebSocketConnection:
                 self._inbox = None
             if self._state != _OPEN and (self._peer_close_event is None or self._peer_closed):
                 # Another task is closing and not waiting on us to read the peer's close.
-                await self._close(None, ws.CLOSE_ABNORMAL, "", False)
+                await self._close(None, ws.CLOSE_ABNORMAL, "", _HANG_UP)
                 raise self._closed_error()
             data = await self._receive_some()
             self._reader.feed(data)
@@ -321,8 +332,8 @@ class WebSocketConnection:
                 msgs = self._reader.next_messages()
             except ws.ProtocolViolation as exc:
                 self._peer_gone()
-                await self._close(ws.encode_close(exc.close_code, exc.reason), exc.close_code,
-                                  exc.reason, False)  # fmt: skip
+                frame = ws.encode_close(exc.close_code, exc.reason)
+                await self._close(frame, exc.close_code, exc.reason, _LINGER)
                 raise ConnectionClosed(exc.close_code, exc.reason) from exc
             if len(msgs) == 1 and msgs[0][0] == ws.OP_BINARY and self._state == _OPEN:
                 return msgs[0]  # the common case: one binary message per read
@@ -337,14 +348,14 @@ class WebSocketConnection:
             raise self._closed_error() from None
         except (trio.BrokenResourceError, OSError) as exc:
             self._peer_gone()
-            await self._close(None, ws.CLOSE_ABNORMAL, "connection lost", False)
-            raise ConnectionClosed(ws.CLOSE_ABNORMAL, "connection lost") from exc
+            await self._close(None, ws.CLOSE_ABNORMAL, "connection lost", _HANG_UP)
+            raise self._closed_error() from exc
         finally:
             self._receiving = False
         if not data:
             self._peer_gone()
-            await self._close(None, ws.CLOSE_ABNORMAL, "closed without a close frame", False)
-            raise ConnectionClosed(ws.CLOSE_ABNORMAL, "closed without a close frame")
+            await self._close(None, ws.CLOSE_ABNORMAL, "closed without a close frame", _HANG_UP)
+            raise self._closed_error()
         return data
 
     async def _on_peer_close(self) -> None:
@@ -352,7 +363,7 @@ class WebSocketConnection:
         self._peer_gone()
         if self._close_done is None:  # the peer started it: echo its code, then hang up
             echo = ws.encode_close(None if code == ws.CLOSE_NO_STATUS else code)
-            await self._close(echo, code, reason, False)
+            await self._close(echo, code, reason, _HANG_UP)
             raise ConnectionClosed(code, reason)
         raise self._closed_error()
 
@@ -377,9 +388,9 @@ class WebSocketConnection:
         ValueError for a code that may not be sent. Cancel-safe: if cancelled, the
         stream is still closed (abruptly).
         """
-        await self._close(ws.encode_close(code, reason), code, reason, True)
+        await self._close(ws.encode_close(code, reason), code, reason, _AWAIT_CLOSE)
 
-    async def _close(self, frame: bytes | None, code: int, reason: str, wait_peer: bool) -> None:
+    async def _close(self, frame: bytes | None, code: int, reason: str, then: int) -> None:
         if self._close_done is not None:
             with trio.move_on_after(self._close_timeout):
                 await self._close_done.wait()
@@ -395,7 +406,11 @@ class WebSocketConnection:
                     self._pending.append(frame)
                     self._pending_size += len(frame)
                     await self._drain()
-                    if wait_peer and not self._peer_closed and not self._write_failed:
+                    if self._write_failed:
+                        pass
+                    elif then == _LINGER:
+                        await self._linger()
+                    elif then == _AWAIT_CLOSE and not self._peer_closed:
                         await self._await_peer_close()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the peer is gone: nothing left to flush or wait for
@@ -405,7 +420,9 @@ class WebSocketConnection:
             self._pending.clear()
             self._pending_size = 0
             self._wake_writer()
-            await trio.aclose_forcefully(self._stream)
+            # SocketStream.aclose() is socket.close() plus a checkpoint; the plain
+            # close cannot be interrupted by a cancellation that is under way.
+            self._stream.socket.close()
             self._close_done.set()
 
     async def _await_peer_close(self) -> None:
@@ -420,9 +437,18 @@ class WebSocketConnection:
             try:
                 reader.next_messages()  # data arriving after our close is dropped
             except ws.ProtocolViolation:
+                await self._linger()
                 return
             if not data or reader.close_code is not None:
                 self._peer_gone()
+
+    async def _linger(self) -> None:
+        # Closing a socket with unread input makes the kernel send a reset, which
+        # can destroy our close frame before the peer reads it: half-close instead
+        # and discard what the peer still sends until it hangs up.
+        await self._stream.send_eof()
+        while await self._stream.receive_some(RECEIVE_SIZE):
+            pass
 
 
 async def accept_websocket(
@@ -449,14 +475,17 @@ async def accept_websocket(
     try:
         with trio.fail_after(handshake_timeout):
             handshake = await _read_handshake(stream, max_handshake_size)
-            try:
-                if path_check is not None and not path_check(handshake.path):
-                    raise ws.HandshakeError(404, "no WebSocket endpoint at this path")
-            except ws.HandshakeError as exc:
-                await _reject(stream, exc)
-                raise
+            if path_check is not None and not path_check(handshake.path):
+                raise ws.HandshakeError(404, "no WebSocket endpoint at this path")
             chosen = next((p for p in subprotocols if p in handshake.subprotocols), None)
             await stream.send_all(ws.accept_response(handshake, chosen))
+    except ws.HandshakeError as exc:
+        try:
+            with trio.move_on_after(handshake_timeout):
+                await _reject(stream, exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+        raise
     except trio.TooSlowError:
         await trio.aclose_forcefully(stream)
         raise Timeout("websocket handshake timed out") from None
@@ -484,18 +513,17 @@ async def _read_handshake(stream: trio.SocketStream, max_size: int) -> ws.Handsh
         if not chunk:
             raise trio.BrokenResourceError("client closed during the handshake")
         data += chunk
-        try:
-            handshake = ws.parse_handshake(data, max_size=max_size)
-        except ws.HandshakeError as exc:
-            await _reject(stream, exc)
-            raise
+        handshake = ws.parse_handshake(data, max_size=max_size)
         if handshake is not None:
             return handshake
 
 
 async def _reject(stream: trio.SocketStream, exc: ws.HandshakeError) -> None:
-    """Answer a refused handshake; the client may already be gone, which is fine."""
+    """Answer a refused handshake, then linger (see ``_linger``) until the client hangs up."""
     try:
         await stream.send_all(ws.reject_response(exc.status, exc.reason))
+        await stream.send_eof()
+        while await stream.receive_some(RECEIVE_SIZE):
+            pass
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+        pass  # the client is already gone

@@ -16,14 +16,16 @@ import json
 import math
 import subprocess
 import sys
-import time
+import datetime
+import ipaddress
 from pathlib import Path
 
 import jwt
 import pytest
 import trio
 import trio.testing
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from structlog.testing import capture_logs
@@ -290,13 +292,16 @@ def test_no_key_source_is_a_config_error():
 # --- JWKS from a real provider process ---------------------------------------------
 
 PROVIDER = r"""
-import http.server, pathlib, sys
+import http.server, pathlib, sys, time
 root = pathlib.Path(sys.argv[1])
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         with open(root / "requests.log", "a") as log:
             log.write(self.path + "\n")
+        delay_file = root / "delay"
+        if delay_file.exists():
+            time.sleep(float(delay_file.read_text()))
         if self.path == "/moved":
             self.send_response(302)
             self.send_header("Location", "/jwks.json")
@@ -317,6 +322,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+if len(sys.argv) > 2:  # serve https with this certificate and key
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[2], sys.argv[3])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
 print(server.server_address[1], flush=True)
 server.serve_forever()
 """
@@ -325,17 +335,20 @@ server.serve_forever()
 class Provider:
     """A JWKS provider in a child process; ``publish`` rewrites what it serves."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tls: tuple[str, str] | None = None) -> None:
         self.root = root
         root.mkdir()
+        self.tls = tls
         self.process: trio.Process | None = None
         self.port = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/jwks.json"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/jwks.json"
 
-    def publish(self, *jwks: dict, raw: bytes | None = None, status: int = 200, length: bool = True) -> None:
+    def publish(
+        self, *jwks: dict, raw: bytes | None = None, status: int = 200, length: bool = True, delay: float = 0
+    ) -> None:
         body = raw if raw is not None else json.dumps({"keys": list(jwks)}).encode()
         (self.root / "jwks.json.tmp").write_bytes(body)
         (self.root / "jwks.json.tmp").replace(self.root / "jwks.json")
@@ -343,6 +356,7 @@ class Provider:
         (self.root / "no-length").unlink(missing_ok=True)
         if not length:
             (self.root / "no-length").touch()
+        (self.root / "delay").write_text(str(delay))
 
     @property
     def requests(self) -> int:
@@ -351,7 +365,7 @@ class Provider:
 
     async def start(self) -> None:
         self.process = await trio.lowlevel.open_process(
-            [sys.executable, "-c", PROVIDER, str(self.root)], stdout=subprocess.PIPE
+            [sys.executable, "-c", PROVIDER, str(self.root), *(self.tls or ())], stdout=subprocess.PIPE
         )
         line = b""
         with trio.fail_after(10):
@@ -515,6 +529,19 @@ async def test_provider_that_never_answers_is_unavailable_within_the_timeout(key
             assert trio.current_time() - started < 0.2
 
 
+async def test_a_cancelled_fetch_does_not_count_as_a_failure(provider, keys):
+    provider.publish(jwk(keys["RS256"], "rsa1", "RS256"), delay=3)
+    verifier = jwks_verifier(provider.url, jwks_timeout=5)
+    with trio.fail_after(10):
+        with trio.move_on_after(0.3) as scope:  # the client hung up mid-fetch
+            await verifier.verify(signed(keys["RS256"], "RS256", "rsa1"))
+        assert scope.cancelled_caught and provider.requests == 1
+        provider.publish(jwk(keys["RS256"], "rsa1", "RS256"))
+        # No back-off was recorded for the cancelled fetch: the next verify fetches at once.
+        assert (await verifier.verify(signed(keys["RS256"], "RS256", "rsa1"))).user_id == "alice"
+        assert provider.requests == 2
+
+
 def padded(key: dict) -> bytes:
     """A usable key set, but over the 1 MiB cap."""
     return json.dumps({"keys": [key], "pad": "x" * (1024 * 1024)}).encode()
@@ -556,3 +583,36 @@ async def test_jwks_redirect_is_followed_and_alg_must_match_key(provider, keys):
             {"alg": "HS256", "kid": "rsa1"}, claims(), lambda data: hmac.new(public_pem, data, hashlib.sha256).digest()
         )
         await rejected(verifier, forged, "'HS256' is not allowed")
+
+
+def self_signed(tmp_path: Path) -> tuple[str, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "127.0.0.1")])
+    today = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(today - datetime.timedelta(days=1)).not_valid_after(today + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(cert_file), str(key_file)
+
+
+async def test_https_provider_with_an_untrusted_certificate_is_refused(tmp_path, keys):
+    provider = Provider(tmp_path / "tls-provider", tls=self_signed(tmp_path))
+    try:
+        await provider.start()
+        provider.publish(jwk(keys["RS256"], "rsa1", "RS256"))
+        verifier = jwks_verifier(provider.url)
+        with trio.fail_after(10), capture_logs() as logs, pytest.raises(Unavailable):
+            await verifier.verify(signed(keys["RS256"], "RS256", "rsa1"))
+    finally:
+        await provider.stop()
+    assert provider.requests == 0, "no request may be sent over an unverified connection"
+    assert "CERTIFICATE_VERIFY_FAILED" in logs[0]["error"]

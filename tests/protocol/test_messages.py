@@ -97,9 +97,15 @@ def test_nil_means_absent_for_optional_fields() -> None:
 
 def test_page_limits_are_clamped_to_the_configured_maximum() -> None:
     decoder = CommandDecoder(m.Limits(history_page_max=50, sync_page_max=10))
-    assert decoder.decode(pack(frame("history", limit=10_000))).limit == 50  # type: ignore[attr-defined]
-    assert decoder.decode(pack(frame("history", limit=5))).limit == 5  # type: ignore[attr-defined]
-    assert decoder.decode(pack(frame("sync", limit=DROP))).limit == 10  # type: ignore[attr-defined]
+
+    def limit(payload: dict[str, Any]) -> int:
+        return decoder.decode(pack(payload)).limit  # type: ignore[attr-defined,no-any-return]
+
+    assert limit(frame("history", limit=10_000)) == 50
+    assert limit(frame("history", limit=5)) == 5
+    assert limit(frame("history", limit=DROP)) == 50
+    assert limit(frame("sync", limit=DROP)) == 10
+    assert limit(frame("sync", limit=11)) == 10
 
 
 # (frame, error class, details.field or None, request id the error must carry)
@@ -169,13 +175,19 @@ def test_too_large_reports_the_configured_limit() -> None:
         decoder.decode(pack(frame("send", "r", body="x" * 11)))
     assert info.value.details == {"field": "$.body", "max": 10, "unit": "chars"}
     assert info.value.request_id == "r"  # type: ignore[attr-defined]
-    assert decoder.decode(pack(frame("send", body="x" * 10))).body == "x" * 10  # type: ignore[attr-defined]
+    cmd = decoder.decode(pack(frame("send", body="x" * 10)))
+    assert cmd.body == "x" * 10  # type: ignore[attr-defined]
     err = decode_error(pack(frame("send", body="x" * 70_000)))  # past the static ceiling
     assert err.details["max"] == 4000
+    short_titles = CommandDecoder(m.Limits(max_title_chars=5))
+    with pytest.raises(TooLarge) as info:
+        short_titles.decode(pack(frame("update_room", title="x" * 6)))
+    assert info.value.details == {"field": "$.title", "max": 5, "unit": "chars"}
 
 
 def test_emoji_limit_counts_utf8_bytes() -> None:
-    assert decode_command(pack(frame("react", emoji="👍🏽" * 4))).emoji == "👍🏽" * 4  # type: ignore[attr-defined]
+    cmd = decode_command(pack(frame("react", emoji="👍🏽" * 4)))  # 8 code points, 32 bytes
+    assert cmd.emoji == "👍🏽" * 4  # type: ignore[attr-defined]
     err = decode_error(pack(frame("react", emoji="a" * 29 + "👍")))  # 29 chars, 33 bytes
     assert err.details == {"field": "$.emoji", "max": 32, "unit": "bytes"}
 

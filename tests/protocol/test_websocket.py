@@ -172,6 +172,15 @@ def test_fragments_are_reassembled_around_control_frames() -> None:
     ]
 
 
+def test_several_feeds_before_parsing() -> None:
+    reader = ws.FrameReader(max_message_size=1 << 20)
+    reader.feed(client_frame(ws.OP_BINARY, b"big" * 30_000))
+    assert reader.next_messages() == [(ws.OP_BINARY, b"big" * 30_000)]
+    reader.feed(client_frame(ws.OP_BINARY, b"one"))
+    reader.feed(client_frame(ws.OP_BINARY, b"two"))
+    assert list(reader) == [(ws.OP_BINARY, b"one"), (ws.OP_BINARY, b"two")]
+
+
 def test_close_frame_is_parsed_and_ends_reading() -> None:
     reader = ws.FrameReader(max_message_size=1024)
     reader.feed(client_frame(ws.OP_CLOSE, (4000).to_bytes(2, "big") + "bye ✓".encode())

@@ -247,7 +247,8 @@ def test_room_history_and_sync_results() -> None:
     assert set(caught_up) == {"room_id", "events", "has_more", "too_far_behind"}
     assert set(behind) == {"room_id", "events", "has_more", "too_far_behind", "snapshot"}
     assert set(behind["snapshot"]) == {"room", "members", "last_seq", "latest"}
-    assert behind["snapshot"]["members"] == [{"user_id": "alice", "role": "owner", "joined_at": 1.0}]
+    members = behind["snapshot"]["members"]
+    assert members == [{"user_id": "alice", "role": "owner", "joined_at": 1.0}]
     assert frame["removed"] == [4] and frame["added"][0]["room_id"] == 11
 
 

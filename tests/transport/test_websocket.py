@@ -25,7 +25,12 @@ from wsproto.events import (
 
 from chatd.errors import Timeout
 from chatd.protocol import websocket as ws
-from chatd.transport.websocket import ConnectionClosed, WebSocketConnection, accept_websocket
+from chatd.transport.websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    _raw_send,
+    accept_websocket,
+)
 
 
 @dataclass
@@ -102,7 +107,9 @@ class WsprotoClient:
         self.events: list[Event] = []
 
     @classmethod
-    async def connect(cls, port: int, path: str = "/ws", rcvbuf: int | None = None) -> WsprotoClient:
+    async def connect(
+        cls, port: int, path: str = "/ws", rcvbuf: int | None = None
+    ) -> WsprotoClient:
         sock = trio.socket.socket()
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -120,6 +127,16 @@ class WsprotoClient:
             self.ws.receive_data(data or None)
             self.events.extend(self.ws.events())
         return self.events.pop(0)
+
+    async def next_message(self) -> bytes:
+        """The next whole binary message (wsproto hands large ones over in pieces)."""
+        data = b""
+        while True:
+            event = await self.next_event()
+            assert isinstance(event, BytesMessage), event
+            data += event.data
+            if event.message_finished:
+                return data
 
 
 async def test_trio_websocket_client_exchanges_binary_messages(server: EchoServer) -> None:
@@ -166,12 +183,12 @@ async def test_wsproto_client_messages_ping_and_close(server: EchoServer) -> Non
         accepted = await client.next_event()
         assert isinstance(accepted, AcceptConnection) and accepted.subprotocol == "chatd.v1"
         await client.send(BytesMessage(b"a" * 70_000))
-        echoed = b""
-        while len(echoed) < 70_000:
-            event = await client.next_event()
-            assert isinstance(event, BytesMessage)
-            echoed += event.data
-        assert echoed == b"a" * 70_000
+        assert await client.next_message() == b"a" * 70_000
+        await client.send(BytesMessage(b"frag", message_finished=False))
+        await client.send(Ping(b"between fragments"))
+        await client.send(BytesMessage(b"mented", message_finished=True))
+        assert await client.next_event() == Pong(b"between fragments")
+        assert await client.next_message() == b"fragmented"
         await client.send(Ping(b"p1"))
         assert await client.next_event() == Pong(b"p1")
         await client.send(CloseConnection(code=1000, reason="done"))
@@ -190,6 +207,8 @@ async def test_protocol_violation_closes_with_1002(server: EchoServer) -> None:
         await client.stream.send_all(b"\x82\x02hi")  # unmasked client frame
         event = await client.next_event()
         assert isinstance(event, CloseConnection) and event.code == ws.CLOSE_PROTOCOL_ERROR
+        assert await client.stream.receive_some(10) == b""  # the server half-closed
+        await client.stream.aclose()
         while not server.ended:
             await trio.sleep(0.01)
         assert server.ended[0][0] == ws.CLOSE_PROTOCOL_ERROR
@@ -203,14 +222,19 @@ async def test_protocol_violation_closes_with_1002(server: EchoServer) -> None:
         (b"GET /ws HTTP/1.1\r\nX-Pad: " + b"a" * 20000, 431),
     ],
 )
-async def test_bad_handshakes_are_answered(server: EchoServer, request_bytes: bytes, status: int) -> None:
+async def test_bad_handshakes_are_answered(
+    server: EchoServer, request_bytes: bytes, status: int
+) -> None:
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
         await stream.send_all(request_bytes)
         response = b""
         while chunk := await stream.receive_some(65536):
             response += chunk
+        await stream.aclose()
         assert response.startswith(f"HTTP/1.1 {status} ".encode())
+        while not server.refused:
+            await trio.sleep(0.01)
         assert server.refused[0].status == status  # type: ignore[attr-defined]
 
 
@@ -226,6 +250,8 @@ async def test_silent_client_times_out_of_the_handshake(server: EchoServer) -> N
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
         await stream.send_all(b"GET /ws HTTP/1.1\r\n")  # and then nothing
         assert await stream.receive_some(100) == b""  # closed after handshake_timeout
+        while not server.refused:
+            await trio.sleep(0.01)
         assert isinstance(server.refused[0], Timeout)
 
 
@@ -333,3 +359,78 @@ async def test_oversize_message_closes_with_1009(server: EchoServer) -> None:
         event = await client.next_event()
         assert isinstance(event, CloseConnection | RejectData)
         assert isinstance(event, CloseConnection) and event.code == ws.CLOSE_MESSAGE_TOO_BIG
+
+
+async def test_backlog_is_flushed_in_order_before_the_close_frame(server: EchoServer) -> None:
+    server.echo = False
+    server.sndbuf = 16 * 1024
+    server.max_pending_bytes = 8 << 20
+    with trio.fail_after(10):
+        client = await WsprotoClient.connect(server.port, rcvbuf=16 * 1024)
+        assert isinstance(await client.next_event(), AcceptConnection)
+        while not server.conns:
+            await trio.sleep(0.01)
+        conn = server.conns[0]
+        frames = [ws.encode_binary(i.to_bytes(4, "big") + b"q" * 20_000) for i in range(100)]
+        assert all(conn.deliver(frame) for frame in frames)
+        assert conn.pending_bytes > 0  # the kernel refused some: the writer owns a backlog
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.close, 4002, "moving")
+            received = [int.from_bytes((await client.next_message())[:4], "big") for _ in frames]
+            assert received == list(range(100))
+            event = await client.next_event()
+            assert isinstance(event, CloseConnection) and event.code == 4002
+            await client.send(event.response())
+        assert conn.pending_bytes == 0
+
+
+async def test_backlog_drains_and_direct_writes_resume(server: EchoServer) -> None:
+    server.echo = False
+    server.sndbuf = 16 * 1024
+    with trio.fail_after(10):
+        client = await WsprotoClient.connect(server.port, rcvbuf=16 * 1024)
+        assert isinstance(await client.next_event(), AcceptConnection)
+        while not server.conns:
+            await trio.sleep(0.01)
+        conn = server.conns[0]
+        payload = b"z" * 200_000
+        assert conn.deliver(ws.encode_binary(payload))
+        assert conn.pending_bytes > 0
+        assert await client.next_message() == payload
+        while conn.pending_bytes:
+            await trio.sleep(0.01)
+        counter = SchedulingCounter()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            assert conn.deliver(ws.encode_binary(b"direct again"))
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert counter.scheduled == 0 and conn.pending_bytes == 0
+        assert await client.next_message() == b"direct again"
+
+
+def test_fallback_send_refuses_a_closed_descriptor() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+
+        class SocketWithoutInternals:
+            def fileno(self) -> int:
+                return a.fileno()
+
+        send = _raw_send(SocketWithoutInternals())  # type: ignore[arg-type]
+        assert send(b"hi") == 2
+        assert b.recv(2) == b"hi"
+        a.close()
+        with pytest.raises(OSError):
+            send(b"must not reach a reused descriptor")
+
+
+async def test_peer_vanishing_without_close_is_1006(server: EchoServer) -> None:
+    with trio.fail_after(10):
+        client = await WsprotoClient.connect(server.port)
+        assert isinstance(await client.next_event(), AcceptConnection)
+        await client.stream.aclose()
+        while not server.ended:
+            await trio.sleep(0.01)
+        assert server.ended[0][0] == ws.CLOSE_ABNORMAL
+        assert not server.conns[0].deliver(ws.encode_binary(b"to nobody"))
