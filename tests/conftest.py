@@ -105,3 +105,32 @@ def make_config(tmp_path: Path, db_url: str = "", **sections) -> Config:
     path = tmp_path / "chatd.toml"
     path.write_text(to_toml(data))
     return load(path, env={})
+
+
+@pytest.fixture
+async def chatd_server(db_conninfo, tmp_path, nursery):
+    """A chatd running in this test's trio loop on a fresh database (ports 0).
+
+    Yields app.Server: ``ws_url``, ``http_urls``, ``service``, ``request_stop()``.
+    Override config with ``@pytest.mark.parametrize("chatd_config", [...], indirect=True)``.
+    """
+    from chatd.app import serve
+
+    cfg = make_config(tmp_path, db_conninfo)
+    server = await nursery.start(lambda task_status: serve(cfg, install_signal_handlers=False, task_status=task_status))
+    yield server
+    server.request_stop()
+
+
+def token(user_id: str, ttl: float = 600, **extra) -> str:
+    from chatd.auth.tokens import mint
+
+    return mint(SECRET, user_id, ttl=ttl, extra=extra or None)
+
+
+async def start_server(nursery, tmp_path, db_conninfo, **sections):
+    """Start chatd in ``nursery`` with config overrides; returns app.Server."""
+    from chatd.app import serve
+
+    cfg = make_config(tmp_path, db_conninfo, **sections)
+    return await nursery.start(lambda task_status: serve(cfg, install_signal_handlers=False, task_status=task_status))
