@@ -15,9 +15,11 @@ from typing import Any
 
 import structlog
 import trio
+from prometheus_client import CollectorRegistry
 
 import chatd
 from chatd.config import Config
+from chatd.observe import ChatdCollector, GcPauses, metrics_text
 from chatd.store.database import open_database
 from chatd.transport import http
 from chatd.transport.listener import serve_websocket
@@ -39,6 +41,12 @@ class Server:
         self.ws_url = ""
         self.ws_port = 0
         self.http_port = 0
+        self.gc_pauses = GcPauses()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ChatdCollector(self, self.gc_pauses))
+
+    def metrics_text(self) -> bytes:
+        return metrics_text(self.registry)
 
     async def readiness_problems(self) -> list[str]:
         problems = []
@@ -107,6 +115,7 @@ async def serve(config: Config, *, install_signal_handlers: bool = True, task_st
                 listener = await nursery.start(serve_websocket, config.websocket, service, ws_scope)
                 server.ws_port = listener.port
                 server.ws_url = listener.url
+                server.gc_pauses.install()
                 nursery.start_soon(_freeze_gc, config.server.gc_freeze_interval)
                 log.info(
                     "chatd.ready",
@@ -117,9 +126,12 @@ async def serve(config: Config, *, install_signal_handlers: bool = True, task_st
                     seconds=round(trio.current_time() - started, 3),
                 )
                 task_status.started(server)
-                await server.stop_requested.wait()
-                await _drain(server, listener, nursery)
-    log.info("chatd.stopped")
+                try:
+                    await server.stop_requested.wait()
+                    await _drain(server, listener, nursery)
+                finally:
+                    server.gc_pauses.uninstall()
+    log.info("chatd.stopped", max_gc_pause_ms=round(server.gc_pauses.max_pause_ms, 3))
 
 
 async def _drain(server: Server, listener: Any, nursery: trio.Nursery) -> None:

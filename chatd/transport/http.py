@@ -38,6 +38,10 @@ def create_app(state: Any) -> QuartTrio:
     async def healthz():
         return jsonify({"status": "alive", "server": f"chatd/{chatd.__version__}"})
 
+    @app.get("/metrics")
+    async def metrics():
+        return state.metrics_text(), 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+
     @app.get("/readyz")
     async def readyz():
         problems = await state.readiness_problems()
