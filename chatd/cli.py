@@ -13,6 +13,7 @@ Exit codes: 0 ok, 1 runtime failure, 2 configuration or usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
 
     async def run() -> None:
-        async with open_database(cfg.database) as db:
+        async with open_database(dataclasses.replace(cfg.database, migrate_on_start=False)) as db:
             done = await migrate(db.pool)
             print(f"schema at version {await applied_version(db.pool)} ({len(done)} applied now) on {db.description}")
 

@@ -192,3 +192,17 @@ async def test_restart_after_a_crash_reuses_data_and_leaves_no_orphan():
         assert await trio.to_thread.run_sync(second.stop) == 0
     finally:
         second.stop(signal.SIGKILL)
+
+
+async def test_migrate_command_reports_the_schema_version():
+    state = _state_dir()
+    config = _write_config(state)
+    run = await trio.to_thread.run_sync(
+        lambda: subprocess.run([sys.executable, "-m", "chatd", "migrate", "--config", str(config)], capture_output=True, text=True, timeout=120)
+    )
+    assert run.returncode == 0, run.stderr
+    assert "schema at version 1 (1 applied now)" in run.stdout
+    again = await trio.to_thread.run_sync(
+        lambda: subprocess.run([sys.executable, "-m", "chatd", "migrate", "--config", str(config)], capture_output=True, text=True, timeout=120)
+    )
+    assert "schema at version 1 (0 applied now)" in again.stdout

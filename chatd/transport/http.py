@@ -7,26 +7,47 @@ HTTP status.
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+import itertools
+import time
+from typing import Any, Callable
 
 import hypercorn.config
 import hypercorn.trio
 import structlog
 import trio
-from quart import jsonify
+from quart import g, jsonify, request
 from quart_trio import QuartTrio
 
 import chatd
 from chatd import errors
 
 log = structlog.get_logger("chatd.http")
+QUIET_PATHS = frozenset({"/healthz", "/metrics"})  # probed every few seconds: not worth a line each
 
 
 def create_app(state: Any) -> QuartTrio:
     """The Quart-Trio app. ``state`` is the running server (app.Server)."""
     app = QuartTrio("chatd")
     app.config["JSON_SORT_KEYS"] = False
+    request_ids = itertools.count(1)
+
+    @app.before_request
+    async def bind_request():
+        g.request_id = next(request_ids)
+        g.started = time.perf_counter()
+
+    @app.after_request
+    async def log_request(response):
+        if request.path not in QUIET_PATHS:
+            log.info(
+                "http.request",
+                request_id=g.request_id,
+                method=request.method,
+                path=request.path,
+                status=response.status_code,
+                ms=round((time.perf_counter() - g.started) * 1000, 2),
+            )
+        return response
 
     @app.errorhandler(errors.ChatdError)
     async def chatd_error(err: errors.ChatdError):
