@@ -71,15 +71,28 @@ async def _watch_signals(server: Server) -> None:
             return
 
 
-async def _freeze_gc(interval: float) -> None:
-    # Long-lived objects (connections, rooms, caches) moved to the permanent
-    # generation are never walked by a full collection again: the collector's
-    # pause then scales with garbage, not with the number of connections.
+async def _manage_gc(freeze_interval: float, full_interval: float) -> None:
+    """Keep long-lived objects out of the cyclic collector's way.
+
+    CPython's full collection walks every tracked object; with tens of thousands of
+    connections that stalls the loop for around a second (DESIGN.md §8). Objects
+    that survived the young collections are moved to the permanent generation with
+    gc.freeze() (O(1)), so full collections only walk what is new. Garbage cycles
+    that were frozen are reclaimed by a rare full pass over everything.
+    """
+    gc.collect()
     gc.freeze()
-    if interval <= 0:
+    if freeze_interval <= 0:
         return
+    last_full = trio.current_time()
     while True:
-        await trio.sleep(interval)
+        await trio.sleep(freeze_interval)
+        if full_interval and trio.current_time() - last_full >= full_interval:
+            gc.unfreeze()
+            gc.collect()
+            last_full = trio.current_time()
+        else:
+            gc.collect(1)
         gc.freeze()
 
 
@@ -116,7 +129,7 @@ async def serve(config: Config, *, install_signal_handlers: bool = True, task_st
                 server.ws_port = listener.port
                 server.ws_url = listener.url
                 server.gc_pauses.install()
-                nursery.start_soon(_freeze_gc, config.server.gc_freeze_interval)
+                nursery.start_soon(_manage_gc, config.server.gc_freeze_interval, config.server.gc_full_interval)
                 log.info(
                     "chatd.ready",
                     version=chatd.__version__,

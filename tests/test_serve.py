@@ -206,3 +206,18 @@ async def test_migrate_command_reports_the_schema_version():
         lambda: subprocess.run([sys.executable, "-m", "chatd", "migrate", "--config", str(config)], capture_output=True, text=True, timeout=120)
     )
     assert "schema at version 1 (0 applied now)" in again.stdout
+
+
+async def test_token_issue_mints_a_token_the_server_accepts(tmp_path):
+    from chatd.auth.tokens import TokenVerifier
+    from chatd.config import load
+
+    state = _state_dir()
+    config = _write_config(state)
+    run = await trio.to_thread.run_sync(
+        lambda: subprocess.run([sys.executable, "-m", "chatd", "token", "issue", "--user", "carol", "--ttl", "120", "--config", str(config)],
+                               capture_output=True, text=True, timeout=60)
+    )
+    assert run.returncode == 0, run.stderr
+    identity = await TokenVerifier(load(config, env={}).auth).verify(run.stdout.strip())
+    assert identity.user_id == "carol" and 100 < identity.expires_at - time.time() <= 120
