@@ -81,7 +81,7 @@ def check_leave(kind: str) -> None:
 def successor(members: list[tuple[str, str, int]]) -> str | None:
     """Who becomes owner when the last owner leaves: the oldest admin, else the oldest member.
 
-    ``members`` are (user_id, role, joined_seq) of those who remain.
+    ``members`` are (user_id, role, seq of their member_joined event) of those who remain.
     """
     if not members:
         return None

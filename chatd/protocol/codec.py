@@ -128,7 +128,7 @@ def _check_title(cmd: Any, limits: Limits) -> Any:
 
 
 def _check_emoji(cmd: Any, limits: Limits) -> Any:
-    # Meta counts code points; the limit is on UTF-8 bytes (8 chars always fit).
+    # The limit is on UTF-8 bytes (up to 8 code points always fit).
     if len(cmd.emoji) > MAX_EMOJI_BYTES // 4 and len(cmd.emoji.encode()) > MAX_EMOJI_BYTES:
         raise _too_large("$.emoji", MAX_EMOJI_BYTES, "bytes", cmd.id)
     return cmd

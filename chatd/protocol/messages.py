@@ -53,7 +53,8 @@ Token = Annotated[str, Meta(min_length=1, max_length=MAX_TOKEN_CHARS)]
 ClientInfo = Annotated[str, Meta(max_length=MAX_CLIENT_INFO_CHARS)]
 Title = Annotated[str, Meta(min_length=1, max_length=MAX_TITLE_CHARS)]
 Body = Annotated[str, Meta(min_length=1, max_length=MAX_BODY_CHARS_CEILING)]
-Emoji = Annotated[str, Meta(min_length=1, max_length=MAX_EMOJI_BYTES)]
+# The limit is on UTF-8 bytes: codec.check_limits enforces it (Meta counts code points).
+Emoji = Annotated[str, Meta(min_length=1)]
 PageLimit = Annotated[int, Meta(ge=1, le=INT64_MAX)]
 
 Role = Literal["owner", "admin", "member"]
@@ -86,6 +87,8 @@ class Limits(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_reactions_per_message: int = 50  # distinct emoji on one message
     max_room_members: int = 10000
     max_presence_subscriptions: int = 500  # per connection
+    commands_per_second: float = 50.0  # sustained rate per connection before rate_limited
+    command_burst: int = 200  # commands allowed at once above that rate
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:

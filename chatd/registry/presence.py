@@ -111,13 +111,11 @@ class Presence:
 
     def watchers(self, user_id: str) -> set[Session]:
         out = set(self.subscribers.get(user_id, ()))
+        # A user's DM peers are loaded when their first session opens and kept
+        # until the flush after their last one closes: always there when their
+        # status changes. DMs are symmetric, so these are exactly the watchers.
         for peer in self.peers.get(user_id, ()):
             out.update(self.rooms.sessions_of(peer))
-        # A user's peers list is only cached while they are connected; a peer
-        # who is connected caches theirs, so look the other way too.
-        for peer, theirs in self.peers.items():
-            if user_id in theirs:
-                out.update(self.rooms.sessions_of(peer))
         return out
 
     def flush(self) -> None:

@@ -2,8 +2,8 @@
 
 ``start`` broadcasts once and then only extends the deadline while the user
 keeps typing (refreshes inside the TTL are coalesced); ``stop``, the TTL
-running out, or the user's last connection closing broadcasts ``active: false``.
-The typer's own sessions are not told.
+running out, or the connection that last said "typing" closing broadcasts
+``active: false``. The typer's own sessions are not told.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Callable
 import trio
 
 from chatd.registry.rooms import Rooms
+from chatd.registry.sessions import Session
 
 Encode = Callable[[dict], bytes]
 
@@ -22,30 +23,32 @@ class Typing:
         self.rooms = rooms
         self.encode = encode
         self.ttl = ttl
-        self.active: dict[tuple[int, str], float] = {}
+        # (room, user) -> (deadline, the connection that last said "typing")
+        self.active: dict[tuple[int, str], tuple[float, Session]] = {}
 
     def _send(self, room_id: int, user_id: str, active: bool) -> None:
         frame = self.encode({"type": "typing", "room_id": room_id, "user_id": user_id, "active": active})
         self.rooms.broadcast(room_id, frame, skip_user=user_id)
 
-    def update(self, room_id: int, user_id: str, active: bool) -> None:
-        key = (room_id, user_id)
+    def update(self, room_id: int, session: Session, active: bool) -> None:
+        key = (room_id, session.user_id)
         if active:
             fresh = key not in self.active
-            self.active[key] = trio.current_time() + self.ttl
+            self.active[key] = (trio.current_time() + self.ttl, session)
             if fresh:
-                self._send(room_id, user_id, True)
+                self._send(room_id, session.user_id, True)
         elif self.active.pop(key, None) is not None:
-            self._send(room_id, user_id, False)
+            self._send(room_id, session.user_id, False)
 
-    def clear_user(self, user_id: str, room_ids: set[int] | None = None) -> None:
-        for key in [k for k in self.active if k[1] == user_id and (room_ids is None or k[0] in room_ids)]:
+    def clear_session(self, session: Session) -> None:
+        """The connection closed: end what it was typing (docs/protocol.md §11)."""
+        for key in [k for k, (_, typist) in self.active.items() if typist is session]:
             del self.active[key]
-            self._send(key[0], user_id, False)
+            self._send(key[0], key[1], False)
 
     def expire(self) -> None:
         now = trio.current_time()
-        for key in [k for k, deadline in self.active.items() if deadline <= now]:
+        for key in [k for k, (deadline, _) in self.active.items() if deadline <= now]:
             del self.active[key]
             self._send(key[0], key[1], False)
 

@@ -125,8 +125,8 @@ def update_room(service: Service, session: Session, cmd: m.UpdateRoom) -> object
 
 def typing(service: Service, session: Session, cmd: m.Typing) -> dict[str, Any]:
     if cmd.room_id not in session.rooms:
-        raise errors.Forbidden("not a member of this room", room_id=cmd.room_id)
-    service.typing.update(cmd.room_id, session.user_id, cmd.active)
+        raise errors.NotFound("no such room", room_id=cmd.room_id)  # invisible rooms do not exist
+    service.typing.update(cmd.room_id, session, cmd.active)
     return {}
 
 

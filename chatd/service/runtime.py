@@ -25,7 +25,6 @@ from chatd.registry.rooms import Rooms
 from chatd.registry.sessions import Session
 from chatd.registry.typing import Typing
 from chatd.store import reads
-from chatd.store.membership import CreateDm
 from chatd.store.mutations import Mutation
 from chatd.store.pool import Pool
 from chatd.store.writer import Writer
@@ -53,6 +52,8 @@ def limits_from(config: Config) -> messages.Limits:
         typing_ttl_ms=int(lim.typing_ttl * 1000),
         max_reactions_per_message=lim.max_reactions_per_message,
         max_room_members=lim.max_group_members,
+        commands_per_second=lim.commands_per_second,
+        command_burst=lim.command_burst,
     )
 
 
@@ -75,9 +76,12 @@ class Service:
 
     def publish(self, events: Sequence[RoomEvent], mutations: Sequence[Mutation]) -> None:
         self.rooms.publish(events)
-        for mutation in mutations:
-            if isinstance(mutation, CreateDm):
-                self.presence.add_peers(mutation.user_id, mutation.other)
+        # A new DM (room_created, then its two member_joined) makes its members
+        # presence peers; a create_dm that failed created nothing and links no one.
+        for i, event in enumerate(events):
+            if event.kind == "room_created" and event.data.get("kind") == "dm":
+                first, second = events[i + 1 : i + 3]
+                self.presence.add_peers(first.data["user_id"], second.data["user_id"])
 
     # --- sessions ----------------------------------------------------------------------
 
@@ -120,18 +124,16 @@ class Service:
         return session, welcome
 
     async def close_session(self, session: Session) -> None:
-        """Forget a session; on the user's last one, clear typing and persist last_seen.
+        """Forget a session and end its typing; on the user's last one, persist last_seen.
 
         Safe to call while cancelled: the database write is shielded and bounded.
         """
         if session not in self.sessions:
             return
         self.sessions.discard(session)
-        rooms = set(session.rooms)
+        self.typing.clear_session(session)
         last = self.rooms.detach(session)
         self.presence.unsubscribe(session)
-        if last:
-            self.typing.clear_user(session.user_id, rooms)
         self.presence.recompute(session.user_id)
         if last:
             with trio.CancelScope(shield=True), trio.move_on_after(self.config.database.query_timeout):

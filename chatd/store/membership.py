@@ -128,12 +128,19 @@ class Leave(Mutation):
 
 
 async def _hand_over_ownership(tx: Tx, room: dict[str, Any], leaver: str) -> None:
+    # Join order is the seq of the member_joined event that began each membership.
+    # Members added at creation all have joined_seq 1 (they see the room from its
+    # start), so their order comes from their member_joined events in that log.
     rows = await tx.fetchall(
-        "SELECT user_id, role, joined_seq FROM members WHERE room_id = %s AND left_seq IS NULL", (room["id"],)
+        "SELECT m.user_id, m.role, j.seq AS joined FROM members m CROSS JOIN LATERAL ("
+        " SELECT e.seq FROM events e WHERE e.room_id = m.room_id AND e.seq >= m.joined_seq"
+        " AND e.kind = 'member_joined' AND e.data->>'user_id' = m.user_id ORDER BY e.seq LIMIT 1) j"
+        " WHERE m.room_id = %s AND m.left_seq IS NULL",
+        (room["id"],),
     )
     if any(r["role"] == "owner" for r in rows):
         return
-    heir = rules.successor([(r["user_id"], r["role"], r["joined_seq"]) for r in rows])
+    heir = rules.successor([(r["user_id"], r["role"], r["joined"]) for r in rows])
     if heir is not None:
         await tx.conn.execute("UPDATE members SET role = 'owner' WHERE room_id = %s AND user_id = %s", (room["id"], heir))
         await tx.append(room, "role_changed", leaver, {"user_id": heir, "role": "owner"})

@@ -15,11 +15,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+import structlog
+
 from chatd import errors
 from chatd.domain import rules
 from chatd.domain.model import RoomEvent, dm_key
 from chatd.store import reads
 from chatd.store.driver import TrioConnection
+
+log = structlog.get_logger("chatd.store")
 
 Done = Callable[[Any, "errors.ChatdError | None"], None]
 
@@ -116,7 +120,12 @@ class Tx:
         return event
 
     async def apply_one(self, mutation: Mutation) -> tuple[Any, errors.ChatdError | None]:
-        """Run one non-send mutation in a savepoint, with its idempotency record."""
+        """Run one non-send mutation in a savepoint, with its idempotency record.
+
+        A rejected mutation (a chatd error) or a failing one (any other exception:
+        a bug, logged and answered ``internal``) rolls back only its savepoint and
+        is returned as its outcome. Contention propagates: the writer retries the batch.
+        """
         if mutation.client_id:
             previous = await self.fetchone(
                 "SELECT result FROM idempotency WHERE user_id = %s AND client_id = %s", (mutation.user_id, mutation.client_id)
@@ -139,7 +148,10 @@ class Tx:
                     raise errors.Contention("idempotency key committed concurrently")
         except errors.Contention:
             raise
-        except errors.ChatdError as exc:
+        except Exception as exc:  # noqa: BLE001 - one command's bug must not fail the batch or the writer
+            if not isinstance(exc, errors.ChatdError):
+                log.exception("mutation.failed", command=mutation.command, user_id=mutation.user_id)
+                exc = errors.Internal("the server failed to apply this command")
             await self.conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
             del self.events[mark:]
             return None, exc

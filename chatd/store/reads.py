@@ -54,7 +54,7 @@ async def room_summaries(pool: Pool, user_id: str, room_ids: list[int] | None = 
         SELECT r.id AS room_id, r.kind, r.title, r.public, m.role, r.last_seq, m.read_seq, m.joined_seq,
                (SELECT count(*) FROM (SELECT 1 FROM events e
                    WHERE e.room_id = r.id AND e.seq > m.read_seq AND e.kind = 'message'
-                     AND NOT e.deleted AND e.sender <> m.user_id LIMIT {UNREAD_CAP}) u) AS unread,
+                     AND e.sender <> m.user_id LIMIT {UNREAD_CAP}) u) AS unread,  -- deleted ones count (docs §5.2)
                (SELECT o.user_id FROM members o WHERE r.kind = 'dm' AND o.room_id = r.id AND o.user_id <> m.user_id) AS peer
         FROM members m JOIN rooms r ON r.id = m.room_id
         WHERE m.user_id = %(user)s AND m.left_seq IS NULL {only}
@@ -92,16 +92,18 @@ async def last_seen(pool: Pool, user_ids: list[str]) -> dict[str, float]:
 
 
 async def membership(pool: Pool, room_id: int, user_id: str) -> dict[str, Any]:
-    """The caller's current membership row. Raises NotFound (no room) or Forbidden."""
+    """The caller's current membership row.
+
+    Raises NotFound when the room does not exist or the caller is not (or no
+    longer) a member: rooms a user cannot see do not exist for them (docs §4).
+    """
     row = await pool.fetchone(
-        "SELECT r.id, r.kind, r.last_seq, m.role, m.joined_seq, m.left_seq FROM rooms r"
-        " LEFT JOIN members m ON m.room_id = r.id AND m.user_id = %s WHERE r.id = %s",
+        "SELECT r.id, r.kind, r.last_seq, m.role, m.joined_seq FROM rooms r"
+        " JOIN members m ON m.room_id = r.id AND m.user_id = %s AND m.left_seq IS NULL WHERE r.id = %s",
         (user_id, room_id),
     )
     if row is None:
         raise errors.NotFound("no such room", room_id=room_id)
-    if row["role"] is None or row["left_seq"] is not None:
-        raise errors.Forbidden("not a member of this room", room_id=room_id)
     return row
 
 

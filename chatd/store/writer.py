@@ -113,8 +113,11 @@ class Writer:
                 failure = exc if isinstance(exc, errors.Unavailable) else errors.Unavailable(
                     "write failed, retry with the same client id", retry_after=0.2
                 )
-                for mutation in batch:
-                    mutation.finish(None, failure)
+                self._fail(batch, failure)
+                return
+            except Exception:  # a bug in a mutation: answer, log, keep the writer alive
+                log.exception("writer.batch_crashed", size=len(batch))
+                self._fail(batch, errors.Internal("internal error: nothing was written; retry with the same client id"))
                 return
             self.batches += 1
             self.committed += len(batch)
@@ -124,8 +127,12 @@ class Writer:
             except Exception:  # noqa: BLE001 - fan-out bugs must not lose acks
                 log.exception("writer.publish_failed")
             for mutation, (result, error) in zip(batch, outcomes):
-                mutation.finish(result, error)
+                _finish(mutation, result, error)
             return
+
+    def _fail(self, batch: list[Mutation], error: errors.ChatdError) -> None:
+        for mutation in batch:
+            _finish(mutation, None, error)
 
     async def _transaction(self, batch: list[Mutation]) -> tuple[list[RoomEvent], list[tuple[Any, Any]]]:
         outcomes: list[tuple[Any, Any]] = [(None, None)] * len(batch)
@@ -146,6 +153,13 @@ class Writer:
                 i += 1
             events.extend(tx.events)
         return events, outcomes
+
+
+def _finish(mutation: Mutation, result: Any, error: errors.ChatdError | None) -> None:
+    try:
+        mutation.finish(result, error)
+    except Exception:  # noqa: BLE001 - one waiter's callback must not cost the others their answer
+        log.exception("writer.answer_failed", command=mutation.command)
 
 
 def _event_order(event: RoomEvent) -> tuple[int, int]:

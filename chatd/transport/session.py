@@ -61,7 +61,7 @@ async def handle_connection(conn: WebSocketConnection, service: Service) -> None
             try:
                 session = await _hello(conn, service, conn_log)
                 if session is not None:
-                    nursery.start_soon(_expire_token, conn, session)
+                    nursery.start_soon(_expire_token, conn, session, service.config.auth.leeway)
                     await _read_commands(conn, service, session, conn_log)
             except ConnectionClosed:
                 pass
@@ -112,23 +112,37 @@ async def _hello(conn: WebSocketConnection, service: Service, conn_log: Any):
         await _refuse(conn, request_id, exc, handshake_close_code(exc), exc.code)
         return None
     conn.deliver(frame(codec.encode_result(cmd.id, welcome)))
+    session.release()  # events fanned out meanwhile follow the welcome
     conn_log.info("ws.hello", user_id=identity.user_id, device=session.device)
     return session
 
 
-async def _expire_token(conn: WebSocketConnection, session) -> None:
+async def _expire_token(conn: WebSocketConnection, session, leeway: float) -> None:
+    # The same leeway the verifier grants on `exp` (clock skew), so a token that
+    # was accepted is never cut off at once.
     while True:
-        remaining = session.expires_at - time.time()
+        remaining = session.expires_at + leeway - time.time()
         if remaining <= 0:
             await conn.close(CloseCode.TOKEN_EXPIRED, "token expired: refresh before token_expires_at")
             return
         await trio.sleep(remaining)
 
 
+RATE_LIMITED_BURSTS = 5
+_MALFORMED = (errors.BadFrame, errors.UnknownCommand, errors.InvalidField, errors.TooLarge)
+
+
 async def _read_commands(conn: WebSocketConnection, service: Service, session, conn_log: Any) -> None:
+    """Decode and dispatch commands until the connection closes.
+
+    Abuse closes with 1008: more than ``websocket.max_bad_frames`` malformed
+    commands in a row, or more than five bursts (``limits.command_burst``) of
+    commands in a row sent while told to wait. Pipelined commands already on the
+    wire cannot react to ``retry_after``, hence the margin.
+    """
     cfg = service.config
     bucket = RateLimit(cfg.limits.commands_per_second, cfg.limits.command_burst)
-    bad_frames = 0
+    malformed = limited = 0
     decode = service.decoder.decode
     handlers = commands.HANDLERS
     async_handlers = commands.ASYNC_HANDLERS
@@ -152,19 +166,24 @@ async def _read_commands(conn: WebSocketConnection, service: Service, session, c
         except errors.ChatdError as exc:
             if request_id is None:
                 request_id = getattr(exc, "request_id", None)
-            if isinstance(exc, (errors.BadFrame, errors.UnknownCommand, errors.InvalidField, errors.TooLarge, errors.RateLimited)):
-                bad_frames += 1
+            if isinstance(exc, errors.RateLimited):
+                limited += 1
+                if limited == 1:
+                    conn_log.info("ws.rate_limited", retry_after=exc.retry_after)
+                abusive = limited > RATE_LIMITED_BURSTS * cfg.limits.command_burst
+            elif isinstance(exc, _MALFORMED):
+                malformed += 1
                 conn_log.info("ws.bad_command", code=exc.code, message=exc.message)
-                if bad_frames > cfg.websocket.max_bad_frames:
-                    await _refuse(conn, request_id, exc, CloseCode.POLICY_VIOLATION, "too many bad frames")
-                    return
-                conn.deliver(frame(codec.encode_error(request_id, exc)))
-                continue
-            if isinstance(exc, errors.Unavailable):
-                conn_log.warning("ws.unavailable", message=exc.message)
+                abusive = malformed > cfg.websocket.max_bad_frames
+            else:
+                abusive = False
+                if isinstance(exc, errors.Unavailable):
+                    conn_log.warning("ws.unavailable", message=exc.message)
+            if abusive:
+                await _refuse(conn, request_id, exc, CloseCode.POLICY_VIOLATION, "too many bad or rate-limited commands")
+                return
             conn.deliver(frame(codec.encode_error(request_id, exc)))
             continue
-        bad_frames = 0  # the threshold counts bad commands in a row
+        malformed = limited = 0  # both thresholds count in a row
         if result is not commands.PENDING:
             conn.deliver(frame(codec.encode_result(request_id, result)))
-

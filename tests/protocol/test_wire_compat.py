@@ -115,7 +115,7 @@ def test_encode_command_is_plain_msgpack() -> None:
 LIMIT_KEYS = {
     "max_frame_bytes", "max_body_chars", "max_title_chars", "history_page_max",
     "sync_page_max", "sync_gap_max", "typing_ttl_ms", "max_reactions_per_message",
-    "max_room_members", "max_presence_subscriptions",
+    "max_room_members", "max_presence_subscriptions", "commands_per_second", "command_burst",
 }  # fmt: skip
 
 
@@ -151,7 +151,8 @@ def test_welcome_has_exactly_the_documented_keys() -> None:
     assert frame["type"] == "welcome" and frame["id"] == "hello-1"
     assert frame["user"] == {"id": "alice"}
     assert set(frame["limits"]) == LIMIT_KEYS
-    assert all(type(v) is int for v in frame["limits"].values())
+    assert all(type(v) is int for k, v in frame["limits"].items() if k != "commands_per_second")
+    assert type(frame["limits"]["commands_per_second"]) is float
     group, dm = frame["rooms"]
     assert shape(group) == {
         "room_id": int, "kind": str, "title": str, "role": str, "public": bool,

@@ -192,3 +192,24 @@ async def test_nothing_is_acked_when_the_database_is_gone(db_conninfo):
                     raise AssertionError("acked without a database")
             nursery.cancel_scope.cancel()
         assert not [e for e in published if e.kind == "message"]
+
+
+async def test_a_crashing_mutation_fails_its_batch_and_the_writer_lives_on(pool, monkeypatch):
+    room = await _setup_room(pool)
+
+    async def broken(tx, sends):
+        raise RuntimeError("bug in the send path")
+
+    async def work(writer):
+        with monkeypatch.context() as patch:
+            patch.setattr("chatd.store.writer.send_batch", broken)
+            try:
+                await writer.run(mu.Send(user_id="alice", client_id="c1", room_id=room, body="x"))
+            except errors.Internal:
+                pass
+            else:
+                raise AssertionError("a crashed batch was acked")
+        return await writer.run(mu.Send(user_id="alice", client_id="c1", room_id=room, body="x"))
+
+    result, _ = await _run_writer(pool, work)
+    assert result["duplicate"] is False and result["seq"] > 0

@@ -1,0 +1,168 @@
+"""Read state and reading the log: mark_read + receipts, history paging, sync
+(docs/protocol.md §4 "Reading the log", §5.2, §9)."""
+
+from __future__ import annotations
+
+from tests.service.conftest import cid, clients, group, register, send, silent, until_seq
+from tests.wire import connect
+
+SYNC_ROOM_KEYS = {"room_id", "events", "has_more", "too_far_behind"}
+
+
+def _seqs(events):
+    return [e["seq"] for e in events]
+
+
+async def _summary(server, user, room_id):
+    async with connect(server, user) as w:
+        [summary] = [r for r in w.welcome["rooms"] if r["room_id"] == room_id]
+        return summary
+
+
+async def test_unread_counts_messages_by_others_after_read_seq(chatd_server):
+    async with clients(chatd_server, "alice", "bob") as (a, b):
+        room = await group(a, ["bob"])
+        rid = room["room_id"]
+        await send(a, rid, "mine")  # 4: alice's own, never unread for her
+        for body in ("one", "two", "three"):
+            await send(b, rid, body)  # 5, 6, 7
+        assert (await _summary(chatd_server, "alice", rid))["unread"] == 3
+        assert (await _summary(chatd_server, "bob", rid))["unread"] == 1
+        await b.call("delete", room_id=rid, seq=6, client_id=cid())
+        assert (await _summary(chatd_server, "alice", rid))["unread"] == 3  # deleted ones still count
+        await a.call("mark_read", room_id=rid, seq=6)
+        summary = await _summary(chatd_server, "alice", rid)
+        assert (summary["read_seq"], summary["unread"], summary["last_seq"]) == (6, 1, 8)
+
+
+async def test_mark_read_is_monotonic_clamped_and_sends_receipts_to_others(chatd_server):
+    async with clients(chatd_server, "alice", "alice", "bob") as (a1, a2, b):
+        room = await group(a1, ["bob"])
+        rid = room["room_id"]
+        for body in ("one", "two", "three"):
+            await send(b, rid, body)  # seqs 4, 5, 6
+
+        marked = await a1.call("mark_read", room_id=rid, seq=5)
+        assert set(marked) == {"type", "id", "read_seq"} and marked["read_seq"] == 5
+        for w in (b, a2):  # the other members and alice's other connection
+            receipt = await w.next_of("receipt")
+            assert receipt == {"type": "receipt", "room_id": rid, "user_id": "alice", "read_seq": 5}
+        await silent(a1, 0.4, "receipt")  # not the connection that marked
+
+        assert (await a1.call("mark_read", room_id=rid, seq=3))["read_seq"] == 5  # never backwards
+        assert (await a1.call("mark_read", room_id=rid, seq=5))["read_seq"] == 5
+        assert (await a1.call("mark_read", room_id=rid, seq=1000))["read_seq"] == 6  # clamped to the end
+        receipt = await b.next_of("receipt")
+        assert receipt["read_seq"] == 6  # one receipt: the no-ops sent none
+        await silent(b, 0.4, "receipt")
+
+        summary = await _summary(chatd_server, "alice", rid)
+        assert (summary["read_seq"], summary["unread"]) == (6, 0)
+        assert (await a1.error("mark_read", room_id=999999, seq=1))["code"] == "not_found"
+
+
+async def test_history_pages_in_both_directions_and_stops_at_joined_seq(chatd_server):
+    await register(chatd_server, "carol")
+    async with clients(chatd_server, "alice", "bob") as (a, b):
+        room = await group(a, ["bob"])
+        rid = room["room_id"]
+        for i in range(10):
+            await send(a, rid, f"m{i}")  # seqs 4..13
+
+        async def page(w=b, **q):
+            result = await w.call("history", room_id=rid, **q)
+            assert set(result) == {"type", "id", "events", "has_more"}
+            return _seqs(result["events"]), result["has_more"]
+
+        assert await page() == (list(range(1, 14)), False)
+        assert await page(limit=3) == ([11, 12, 13], True)
+        assert await page(before=11, limit=3) == ([8, 9, 10], True)
+        assert await page(before=4, limit=5) == ([1, 2, 3], False)
+        assert await page(after=10, limit=2) == ([11, 12], True)
+        assert await page(after=11) == ([12, 13], False)
+        assert await page(after=13) == ([], False)
+        assert await page(after=4, before=9, limit=2) == ([5, 6], True)
+        assert await page(after=4, before=9, limit=10) == ([5, 6, 7, 8], False)
+        assert await page(limit=10**9) == (list(range(1, 14)), False)  # clamped, not an error
+        # paging backwards to the start loses nothing and repeats nothing
+        seen, before, more = [], None, True
+        while more:
+            got, more = await page(limit=4, **({"before": before} if before else {}))
+            seen = got + seen
+            before = got[0]
+        assert seen == list(range(1, 14))
+
+        assert (await b.call("history", room_id=rid, limit=1))["events"][0] == (await until_seq(b, rid, 13))[-1]
+
+        added = await a.call("add_member", room_id=rid, user_id="carol", client_id=cid())  # seq 14
+        await send(a, rid, "welcome carol")  # 15
+        async with connect(chatd_server, "carol") as c:
+            assert await page(c) == ([14, 15], False)
+            assert await page(c, before=14) == ([], False)
+            assert await page(c, after=0) == ([14, 15], False)
+            assert await page(c, after=2, before=15) == ([14], False)
+            assert c.welcome["rooms"][0]["joined_seq"] == added["seq"]
+        async with connect(chatd_server, "dave") as d:
+            assert (await d.error("history", room_id=rid))["code"] == "not_found"
+        assert (await b.error("history", room_id=999999))["code"] == "not_found"
+
+
+async def test_sync_nothing_new_paging_added_and_removed(chatd_server):
+    async with clients(chatd_server, "alice", "bob") as (a, b):
+        room = await group(a, ["bob"])
+        rid = room["room_id"]
+        for i in range(7):
+            await send(a, rid, f"m{i}")  # 4..10
+        quiet = await group(a, ["bob"], title="quiet")
+        gone = await group(a, ["bob"], title="gone")
+        await b.call("leave", room_id=gone["room_id"], client_id=cid())
+
+        nothing = await b.call("sync", rooms={rid: 10, quiet["room_id"]: 3})
+        assert (nothing["rooms"], nothing["removed"], nothing["added"]) == ([], [], [])
+
+        synced, have = [], 2
+        while True:
+            result = await b.call("sync", rooms={rid: have, quiet["room_id"]: 3}, limit=3)
+            [entry] = result["rooms"]
+            assert set(entry) == SYNC_ROOM_KEYS and entry["room_id"] == rid and entry["too_far_behind"] is False
+            synced += entry["events"]
+            have = entry["events"][-1]["seq"]
+            if not entry["has_more"]:
+                break
+        assert _seqs(synced) == list(range(3, 11))
+        assert [e["data"].get("body") for e in synced[1:]] == [f"m{i}" for i in range(7)]
+
+        result = await b.call("sync", rooms={rid: 10, gone["room_id"]: 3, 999999: 5})
+        assert sorted(result["removed"]) == [gone["room_id"], 999999] and result["rooms"] == []
+        assert [r["room_id"] for r in result["added"]] == [quiet["room_id"]]
+        [added] = result["added"]
+        assert (added["kind"], added["title"], added["role"], added["last_seq"], added["joined_seq"]) == ("group", "quiet", "member", 3, 1)
+
+        fresh = await b.call("sync", rooms={})
+        assert sorted(r["room_id"] for r in fresh["added"]) == [rid, quiet["room_id"]]
+
+
+async def test_sync_too_far_behind_or_beyond_the_end_gets_a_snapshot(make_server):
+    server = await make_server(limits={"retention_events": 10, "sync_page_max": 4})
+    async with clients(server, "alice", "bob") as (a, b):
+        assert a.welcome["limits"]["sync_gap_max"] == 10 and a.welcome["limits"]["sync_page_max"] == 4
+        room = await group(a, ["bob"], title="busy")
+        rid = room["room_id"]
+        for i in range(12):
+            await send(a, rid, f"m{i}")  # 4..15
+
+        near = await b.call("sync", rooms={rid: 5})  # 10 behind: still the gap itself
+        assert _seqs(near["rooms"][0]["events"]) == [6, 7, 8, 9] and near["rooms"][0]["too_far_behind"] is False
+
+        for claimed in (4, 99):  # 11 behind; past the end (e.g. after a restore)
+            result = await b.call("sync", rooms={rid: claimed})
+            [entry] = result["rooms"]
+            assert entry["too_far_behind"] is True and entry["events"] == [] and entry["has_more"] is False
+            snap = entry["snapshot"]
+            assert set(snap) == {"room", "members", "last_seq", "latest"}
+            assert snap["last_seq"] == 15 and snap["room"]["room_id"] == rid and snap["room"]["title"] == "busy"
+            assert snap["room"]["member_count"] == 2
+            assert sorted((m["user_id"], m["role"]) for m in snap["members"]) == [("alice", "owner"), ("bob", "member")]
+            assert all(isinstance(m["joined_at"], float) for m in snap["members"])
+            assert _seqs(snap["latest"]) == [12, 13, 14, 15]
+            assert snap["latest"][-1]["data"] == {"body": "m11"}
