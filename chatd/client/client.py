@@ -31,7 +31,7 @@ import trio
 
 from chatd import errors
 from chatd.client.commands import DURABLE_KEYS, RETRY_SAFE, Commands, new_client_id
-from chatd.client.connection import Connection, open_connection
+from chatd.client.connection import Connection, _reraise, open_connection
 from chatd.client.errors import ClientStopped, ConnectionLost, Disconnected
 from chatd.client.stream import EventStream
 from chatd.client.timeline import Timeline
@@ -388,10 +388,4 @@ async def open_client(url: Source, token_provider: Source, **options: Any) -> As
         rest = group.split(trio.Cancelled)[1]
         if rest is None or len(rest.exceptions) != 1 or isinstance(rest.exceptions[0], BaseExceptionGroup):
             raise
-        exc = rest.exceptions[0]
-        context = exc.__context__
-        try:
-            raise exc
-        finally:
-            exc.__context__ = context
-            del exc
+        _reraise(rest.exceptions[0])
