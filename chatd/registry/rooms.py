@@ -74,14 +74,21 @@ class Rooms:
         members = self.members.get(room_id)
         if not members:
             return 0
-        sent = 0
-        for session in tuple(members):
-            if session.user_id == skip_user or session is skip_session:
-                continue
-            if not session.deliver(frame):
-                self.slow_consumers += 1
-            sent += 1
+        refused = 0
+        if skip_user is None and skip_session is None:
+            sent = len(members)
+            for session in members:  # deliver never changes room membership
+                if session.deliver(frame) is False:
+                    refused += 1
+        else:
+            sent = 0
+            for session in members:
+                if session.user_id != skip_user and session is not skip_session:
+                    sent += 1
+                    if session.deliver(frame) is False:
+                        refused += 1
         self.deliveries += sent
+        self.slow_consumers += refused
         return sent
 
     def publish(self, events: Sequence[RoomEvent]) -> None:

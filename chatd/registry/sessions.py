@@ -15,7 +15,7 @@ class Outbox(Protocol):
 class Session:
     """One authenticated WebSocket connection. Kept small: there may be 20k of them."""
 
-    __slots__ = ("id", "user_id", "device", "outbox", "held", "rooms", "status", "watching", "expires_at", "log", "__weakref__")
+    __slots__ = ("id", "user_id", "device", "outbox", "held", "deliver", "rooms", "status", "watching", "expires_at", "log", "__weakref__")
 
     def __init__(self, user_id: str, outbox: Outbox, *, device: str = "", expires_at: float = 0.0, log: Any = None) -> None:
         self.id = next(_ids)
@@ -25,27 +25,23 @@ class Session:
         # Frames fanned out while the session opens wait here: nothing may reach
         # the client before its welcome (docs/protocol.md §3). None once released.
         self.held: list[bytes] | None = []
+        # deliver(frame) -> bool | None: hands an encoded WebSocket frame on, never
+        # waits; False means the connection refused it (slow consumer, closing).
+        # It is the outbox's own method once released: no extra call per
+        # recipient on the fan-out path, and no reference cycle.
+        self.deliver = self.held.append
         self.rooms: set[int] = set()
         self.status = "online"          # what this connection asked for: online | away | invisible
         self.watching: set[str] = set() # users whose presence this session subscribed to
         self.expires_at = expires_at
         self.log = log
 
-    def deliver(self, frame: bytes) -> bool:
-        """Hand an encoded WebSocket frame to the connection; never waits.
-
-        Held (in order) until :meth:`release`.
-        """
-        if self.held is not None:
-            self.held.append(frame)
-            return True
-        return self.outbox.deliver(frame)
-
     def release(self) -> None:
         """The welcome went out: pass on what was held, then deliver directly."""
         held, self.held = self.held, None
+        self.deliver = self.outbox.deliver
         for frame in held or ():
-            self.outbox.deliver(frame)
+            self.deliver(frame)
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.user_id}>"
