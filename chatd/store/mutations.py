@@ -12,14 +12,13 @@ so they are gapless and strictly increasing with any number of processes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import structlog
 
 from chatd import errors
-from chatd.domain import rules
-from chatd.domain.model import RoomEvent, dm_key
+from chatd.domain.model import RoomEvent
 from chatd.store import reads
 from chatd.store.driver import TrioConnection
 

@@ -16,7 +16,8 @@ from chatd.protocol.closecodes import RESUME_SYNC, CloseCode
 from chatd.protocol.websocket import encode_binary
 from chatd.service.runtime import Service
 from chatd.transport.session import handle_connection
-from chatd.transport.websocket import WebSocketConnection, accept_websocket
+from chatd.transport.upgrade import accept_websocket
+from chatd.transport.websocket import WebSocketConnection
 
 log = structlog.get_logger("chatd.ws")
 

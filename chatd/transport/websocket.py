@@ -17,11 +17,11 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import trio
 
-from chatd.errors import ChatdError, Timeout
+from chatd.errors import ChatdError
 from chatd.protocol import websocket as ws
 
 RECEIVE_SIZE = 65536
@@ -70,7 +70,7 @@ def _raw_send(sock: trio.socket.SocketType) -> Callable[[bytes], int]:
 
 
 class WebSocketConnection:
-    """One accepted WebSocket; created by ``accept_websocket``, which it owns the stream of.
+    """One accepted WebSocket; created by ``upgrade.accept_websocket``, which it owns the stream of.
 
     Close the stream only through ``close()``. ``deliver`` may be called from any
     trio task; ``receive`` from one task at a time.
@@ -449,81 +449,3 @@ class WebSocketConnection:
         await self._stream.send_eof()
         while await self._stream.receive_some(RECEIVE_SIZE):
             pass
-
-
-async def accept_websocket(
-    stream: trio.SocketStream,
-    *,
-    handshake_timeout: float,
-    max_message_size: int,
-    max_pending_bytes: int,
-    close_timeout: float = 5.0,
-    path_check: Callable[[str], bool] | None = None,
-    subprotocols: Sequence[str] = (),
-    slow_reason: Callable[[], str] | None = None,
-    max_handshake_size: int = 16384,
-) -> WebSocketConnection:
-    """Perform the server handshake on ``stream`` and return the open connection.
-
-    ``path_check(path)`` returning False answers 404. ``subprotocols`` lists the ones
-    the server speaks, in preference order; the first the client offered is chosen.
-    On failure the stream is closed and the error raised: HandshakeError after
-    answering it (400/404/405/426/431), Timeout when the request head did not
-    arrive within ``handshake_timeout``, ConnectionClosed if the client went away.
-    Cancel-safe: a cancelled handshake closes the stream.
-    """
-    try:
-        with trio.fail_after(handshake_timeout):
-            handshake = await _read_handshake(stream, max_handshake_size)
-            if path_check is not None and not path_check(handshake.path):
-                raise ws.HandshakeError(404, "no WebSocket endpoint at this path")
-            chosen = next((p for p in subprotocols if p in handshake.subprotocols), None)
-            await stream.send_all(ws.accept_response(handshake, chosen))
-    except ws.HandshakeError as exc:
-        try:
-            with trio.move_on_after(handshake_timeout):
-                await _reject(stream, exc)
-        finally:
-            await trio.aclose_forcefully(stream)
-        raise
-    except trio.TooSlowError:
-        await trio.aclose_forcefully(stream)
-        raise Timeout("websocket handshake timed out") from None
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        await trio.aclose_forcefully(stream)
-        raise ConnectionClosed(ws.CLOSE_ABNORMAL, "lost during the handshake") from exc
-    except BaseException:
-        await trio.aclose_forcefully(stream)
-        raise
-    return WebSocketConnection(
-        stream,
-        handshake,
-        max_message_size=max_message_size,
-        max_pending_bytes=max_pending_bytes,
-        close_timeout=close_timeout,
-        subprotocol=chosen,
-        slow_reason=slow_reason,
-    )
-
-
-async def _read_handshake(stream: trio.SocketStream, max_size: int) -> ws.Handshake:
-    data = b""
-    while True:
-        chunk = await stream.receive_some(max_size + 1)
-        if not chunk:
-            raise trio.BrokenResourceError("client closed during the handshake")
-        data += chunk
-        handshake = ws.parse_handshake(data, max_size=max_size)
-        if handshake is not None:
-            return handshake
-
-
-async def _reject(stream: trio.SocketStream, exc: ws.HandshakeError) -> None:
-    """Answer a refused handshake, then linger (see ``_linger``) until the client hangs up."""
-    try:
-        await stream.send_all(ws.reject_response(exc.status, exc.reason))
-        await stream.send_eof()
-        while await stream.receive_some(RECEIVE_SIZE):
-            pass
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the client is already gone

@@ -25,12 +25,8 @@ from wsproto.events import (
 
 from chatd.errors import Timeout
 from chatd.protocol import websocket as ws
-from chatd.transport.websocket import (
-    ConnectionClosed,
-    WebSocketConnection,
-    _raw_send,
-    accept_websocket,
-)
+from chatd.transport.upgrade import accept_websocket
+from chatd.transport.websocket import ConnectionClosed, WebSocketConnection, _raw_send
 
 
 @dataclass
