@@ -1,0 +1,62 @@
+"""``python -m chatd.bench.gcwatch --gc-log FILE serve --config ...``: chatd with its GC pauses logged.
+
+chatd has no GC-pause metric of its own yet, so the bench starts the server through this
+wrapper: it registers a ``gc.callbacks`` hook that times every collection and appends the
+ones of ``--min-ms`` or more to FILE as ``<monotonic_ns at end> <pause_ns> <generation>``
+lines (one ``write`` per logged pause; the hook itself costs ~1 µs per collection). The
+bench takes the longest pause inside each load step's window. Everything else is the
+normal ``chatd`` command line.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+
+
+def install(path: str, min_ns: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    started = [0]
+    clock = time.perf_counter_ns
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = clock()
+            return
+        pause = clock() - started[0]
+        if pause >= min_ns:
+            os.write(fd, b"%d %d %d\n" % (time.monotonic_ns(), pause, info.get("generation", -1)))
+
+    gc.callbacks.append(on_gc)
+
+
+def read_pauses(path: str, start_ns: int, end_ns: int) -> list[tuple[int, int]]:
+    """(end time, pause ns) of the logged pauses that ended inside [start_ns, end_ns]."""
+    out = []
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and start_ns <= int(parts[0]) <= end_ns:
+                    out.append((int(parts[0]), int(parts[1])))
+    except OSError:
+        pass
+    return out
+
+
+def main(argv: list[str]) -> int:
+    min_ms = 0.1
+    if len(argv) >= 2 and argv[0] == "--gc-log":
+        path, argv = argv[1], argv[2:]
+        if len(argv) >= 2 and argv[0] == "--min-ms":
+            min_ms, argv = float(argv[1]), argv[2:]
+        install(path, int(min_ms * 1e6))
+    from chatd.cli import main as chatd_main
+
+    return chatd_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,53 @@
+"""`chatd bench`: the quick fanout run as CI uses it, and the histogram it reports from."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from chatd.bench import stats
+
+STEP_KEYS = {
+    "offered_rate", "achieved_rate", "deliveries_per_s", "server_cpu_us_per_delivery", "server_rss_bytes",
+    "rss_bytes_per_conn", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_p999_ms",
+    "latency_max_ms", "errors", "slow_consumer_closes", "max_gc_pause_ms", "loader_cpu_pct",
+}
+
+
+def test_percentiles_match_the_samples_within_one_percent():
+    rng = random.Random(7)
+    samples = sorted(int(rng.expovariate(1 / 3000)) for _ in range(50_000))
+    counts = stats.new()
+    for us in samples:
+        counts[stats.bucket(us)] += 1
+    got = stats.percentiles(stats.merge([stats.sparse(counts)]), max_us=samples[-1])
+    for key, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999)):
+        exact = samples[int(q * len(samples)) - 1] / 1000
+        assert got[key] == pytest.approx(exact, rel=0.01, abs=0.002)
+    assert got["max"] == samples[-1] / 1000
+    assert got["n"] == len(samples)
+
+
+@pytest.mark.slow
+def test_quick_fanout_prints_one_json_object_with_the_documented_figures(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "chatd", "bench", "fanout", "--quick", "--json", "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=170,
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    result = json.loads(done.stdout)  # exactly one JSON object, nothing else on stdout
+    assert result["scenario"] == "fanout" and result["target"] == "chatd" and "error" not in result
+    assert result["steps"], result
+    for step in result["steps"]:
+        assert STEP_KEYS <= step.keys(), STEP_KEYS - step.keys()
+    first = result["steps"][0]
+    # 20 msgs/s into one room of 1,000: every acked message reached every member.
+    assert first["acked"] > 0 and first["deliveries"] == first["acked"] * 1000
+    assert first["server_cpu_us_per_delivery"] > 0 and first["server_rss_bytes"] > 0
+    assert first["max_gc_pause_ms"] is not None
+    assert "saturation_deliveries_per_s" in result
+    assert not list(tmp_path.glob("run-*")), "the run's work directory is removed after a good run"
