@@ -181,11 +181,12 @@ async def send_batch(tx: Tx, sends: list[Send]) -> list[tuple[Any, errors.ChatdE
     previous = {(r["user_id"], r["client_id"]): r["result"] for r in rows}
     fresh: list[int] = []
     first_in_batch: dict[tuple[str, str], int] = {}
+    twins: list[tuple[int, int]] = []  # (retry, first) inside this batch
     for i, key in enumerate(keys):
         if key in previous:
             outcomes[i] = ({**previous[key], "duplicate": True}, None)
         elif key in first_in_batch:
-            continue  # answered from its twin below
+            twins.append((i, first_in_batch[key]))  # answered from its first below
         else:
             first_in_batch[key] = i
             fresh.append(i)
@@ -210,11 +211,9 @@ async def send_batch(tx: Tx, sends: list[Send]) -> list[tuple[Any, errors.ChatdE
                 accepted.append(i)
         if accepted:
             await _insert_messages(tx, sends, accepted, outcomes)
-    for key, i in first_in_batch.items():
-        twins = [j for j, k in enumerate(keys) if k == key and j != i]
-        for j in twins:
-            result, error = outcomes[i]
-            outcomes[j] = ({**result, "duplicate": True} if result else None, error)
+    for retry, first in twins:
+        result, error = outcomes[first]
+        outcomes[retry] = ({**result, "duplicate": True} if result else None, error)
     return outcomes
 
 
@@ -246,7 +245,8 @@ async def _insert_messages(tx: Tx, sends: list[Send], accepted: list[int], outco
     )
     next_seq = {r["id"]: r["last_seq"] - counts[r["id"]] + 1 for r in rows}
     at = rows[0]["at"]
-    cols: dict[str, list] = {"room": [], "seq": [], "sender": [], "body": [], "data": [], "user": [], "cid": [], "res": []}
+    room_col, seq_col, user_col, body_col, reply_col, cid_col = [], [], [], [], [], []
+    events = tx.events
     for i in accepted:
         s = sends[i]
         seq = next_seq[s.room_id]
@@ -254,30 +254,31 @@ async def _insert_messages(tx: Tx, sends: list[Send], accepted: list[int], outco
         data: dict[str, Any] = {"body": s.body}
         if s.reply_to is not None:
             data["reply_to"] = s.reply_to
-        result = {"seq": seq, "at": at}
-        outcomes[i] = ({**result, "duplicate": False}, None)
-        tx.events.append(RoomEvent(s.room_id, seq, "message", s.user_id, at, data))
-        cols["room"].append(s.room_id)
-        cols["seq"].append(seq)
-        cols["sender"].append(s.user_id)
-        cols["body"].append(s.body)
-        cols["data"].append(json.dumps({"reply_to": s.reply_to} if s.reply_to is not None else {}))
-        cols["user"].append(s.user_id)
-        cols["cid"].append(s.client_id)
-        cols["res"].append(json.dumps(result))
-    await tx.conn.execute(
-        "INSERT INTO events (room_id, seq, kind, sender, body, data, created_at)"
-        " SELECT r, s, 'message', u, b, d::jsonb, now()"
-        " FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[]) AS t(r, s, u, b, d)",
-        (cols["room"], cols["seq"], cols["sender"], cols["body"], cols["data"]),
+        outcomes[i] = ({"seq": seq, "at": at, "duplicate": False}, None)
+        events.append(RoomEvent(s.room_id, seq, "message", s.user_id, at, data))
+        room_col.append(s.room_id)
+        seq_col.append(seq)
+        user_col.append(s.user_id)
+        body_col.append(s.body)
+        reply_col.append(s.reply_to)
+        cid_col.append(s.client_id)
+    # One statement for the rows and their idempotency records; JSON is built by
+    # PostgreSQL, not per row in Python.
+    row = await tx.fetchone(
+        "WITH t AS (SELECT * FROM unnest(%(room)s::bigint[], %(seq)s::bigint[], %(user)s::text[],"
+        "                                %(body)s::text[], %(reply)s::bigint[], %(cid)s::text[])"
+        "           AS t(room_id, seq, user_id, body, reply_to, client_id)),"
+        " ev AS (INSERT INTO events (room_id, seq, kind, sender, body, data, created_at)"
+        "        SELECT room_id, seq, 'message', user_id, body,"
+        "               CASE WHEN reply_to IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('reply_to', reply_to) END,"
+        "               now() FROM t),"
+        " idem AS (INSERT INTO idempotency (user_id, client_id, command, result)"
+        "          SELECT user_id, client_id, 'send', jsonb_build_object('seq', seq, 'at', %(at)s::float8) FROM t"
+        "          ON CONFLICT DO NOTHING RETURNING 1)"
+        " SELECT count(*) AS stored FROM idem",
+        {"room": room_col, "seq": seq_col, "user": user_col, "body": body_col, "reply": reply_col, "cid": cid_col, "at": at},
     )
-    stored = await tx.fetchall(
-        "INSERT INTO idempotency (user_id, client_id, command, result)"
-        " SELECT u, c, 'send', r::jsonb FROM unnest(%s::text[], %s::text[], %s::text[]) AS t(u, c, r)"
-        " ON CONFLICT DO NOTHING RETURNING 1 AS ok",
-        (cols["user"], cols["cid"], cols["res"]),
-    )
-    if len(stored) != len(accepted):
+    if row["stored"] != len(accepted):
         raise errors.Contention("idempotency key committed concurrently")
 
 
