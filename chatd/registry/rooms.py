@@ -94,40 +94,50 @@ class Rooms:
     def publish(self, events: Sequence[RoomEvent]) -> None:
         """Fan out committed events (sorted by room, then seq).
 
-        Consecutive events of one room that do not change who receives it are
-        handed to each recipient as ONE write: WebSocket frames are
+        Consecutive events of one room are handed to each recipient as ONE
+        write while the set of recipients stays the same: WebSocket frames are
         self-delimiting, so their concatenation is what the socket would carry
-        anyway, at one syscall per recipient per batch instead of per event.
+        anyway, at one syscall per recipient instead of one per event. A join
+        of someone not yet receiving ends the run before it; a leave ends it
+        after itself (the leaver receives their own member_left, nothing more).
         """
         run: list[bytes] = []
         run_room = 0
         for i, event in enumerate(events):
-            kind = event.kind
-            if run and (event.room_id != run_room or kind in _MEMBERSHIP):
+            room_id = event.room_id
+            if run and room_id != run_room:
                 self._broadcast_run(run_room, run)
                 run = []
-            if kind not in _MEMBERSHIP:
-                run_room = event.room_id
-                run.append(self.encode(event.wire()))
-                continue
+            kind = event.kind
             if kind == "room_created":
                 # Members added at creation see the room from seq 1: their joins
                 # follow in the same batch (creation is one mutation).
                 for later in events[i + 1:]:
-                    if later.room_id != event.room_id:
+                    if later.room_id != room_id:
                         break
                     if later.kind == "member_joined":
-                        for session in self.sessions_of(later.data["user_id"]):
-                            self.enter(session, event.room_id)
-            elif kind == "member_joined":
-                for session in self.sessions_of(event.data["user_id"]):
-                    self.enter(session, event.room_id)
-            self.broadcast(event.room_id, self.encode(event.wire()))
+                        self._enter_user(later.data["user_id"], room_id)
+            elif kind == "member_joined" and self._outside(event.data["user_id"], room_id):
+                if run:
+                    self._broadcast_run(run_room, run)
+                    run = []
+                self._enter_user(event.data["user_id"], room_id)
+            run_room = room_id
+            run.append(self.encode(event.wire()))
             if kind == "member_left":
+                self._broadcast_run(room_id, run)
+                run = []
                 for session in self.sessions_of(event.data["user_id"]):
-                    self.leave(session, event.room_id)
+                    self.leave(session, room_id)
         if run:
             self._broadcast_run(run_room, run)
+
+    def _outside(self, user_id: str, room_id: int) -> bool:
+        return any(room_id not in s.rooms for s in self.sessions_of(user_id))
+
+    def _enter_user(self, user_id: str, room_id: int) -> None:
+        for session in self.sessions_of(user_id):
+            self.enter(session, room_id)
 
     def _broadcast_run(self, room_id: int, frames: list[bytes]) -> None:
         if len(frames) == 1:
@@ -136,6 +146,3 @@ class Rooms:
         sent = self.broadcast(room_id, b"".join(frames))
         self.deliveries += sent * (len(frames) - 1)  # count events, not writes
 
-
-# Events after which a room's recipients may differ.
-_MEMBERSHIP = frozenset({"room_created", "member_joined", "member_left"})

@@ -25,7 +25,6 @@ from chatd.registry.rooms import Rooms
 from chatd.registry.sessions import Session
 from chatd.registry.typing import Typing
 from chatd.store import reads
-from chatd.store.mutations import Mutation
 from chatd.store.pool import Pool
 from chatd.store.writer import Writer
 
@@ -74,7 +73,7 @@ class Service:
 
     # --- fan-out hook (called by the writer after COMMIT) ------------------------------
 
-    def publish(self, events: Sequence[RoomEvent], mutations: Sequence[Mutation]) -> None:
+    def publish(self, events: Sequence[RoomEvent]) -> None:
         self.rooms.publish(events)
         # A new DM (room_created, then its two member_joined) makes its members
         # presence peers; a create_dm that failed created nothing and links no one.

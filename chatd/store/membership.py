@@ -66,11 +66,18 @@ class CreateGroup(Mutation):
             " RETURNING id, kind, title, public, last_seq",
             (self.title, self.public, self.user_id),
         )
-        await tx.append(room, "room_created", self.user_id, {"title": self.title, "kind": "group"})
+        # The whole creation in a fixed number of statements, however many members:
+        # room_created, the owner's join, then one join per member in list order.
+        items = [("room_created", self.user_id, {"title": self.title, "kind": "group"}),
+                 ("member_joined", self.user_id, {"user_id": self.user_id, "role": "owner"})]
+        items += [("member_joined", self.user_id, {"user_id": u, "role": "member", "by": self.user_id}) for u in others]
+        await tx.append_many(room, items)
         # Members added at creation see the room from seq 1 (its creation).
-        await _add_member(tx, room, self.user_id, "owner", by=None, visible_from=1)
-        for user in others:
-            await _add_member(tx, room, user, "member", by=self.user_id, visible_from=1)
+        await tx.conn.execute(
+            "INSERT INTO members (room_id, user_id, role, joined_seq, read_seq)"
+            " SELECT %s, u, r, 1, 0 FROM unnest(%s::text[], %s::text[]) AS t(u, r)",
+            (room["id"], [self.user_id, *others], ["owner"] + ["member"] * len(others)),
+        )
         return {"room": await tx.room_info(room["id"], self.user_id)}
 
 

@@ -118,6 +118,22 @@ class Tx:
         self.events.append(event)
         return event
 
+    async def append_many(self, room: dict[str, Any], items: list[tuple[str, str, dict[str, Any]]]) -> list[RoomEvent]:
+        """Add (kind, sender, data) events to a locked room with two statements in all."""
+        at = await self.now()
+        first = room["last_seq"] + 1
+        room["last_seq"] += len(items)
+        seqs = list(range(first, room["last_seq"] + 1))
+        await self.conn.execute(
+            "INSERT INTO events (room_id, seq, kind, sender, data, created_at)"
+            " SELECT %s, s, k, u, d::jsonb, now() FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS t(s, k, u, d)",
+            (room["id"], seqs, [i[0] for i in items], [i[1] for i in items], [json.dumps(i[2]) for i in items]),
+        )
+        await self.conn.execute("UPDATE rooms SET last_seq = %s WHERE id = %s", (room["last_seq"], room["id"]))
+        created = [RoomEvent(room["id"], seq, kind, sender, at, data) for seq, (kind, sender, data) in zip(seqs, items)]
+        self.events.extend(created)
+        return created
+
     async def apply_one(self, mutation: Mutation) -> tuple[Any, errors.ChatdError | None]:
         """Run one non-send mutation in a savepoint, with its idempotency record.
 

@@ -31,7 +31,11 @@ log = structlog.get_logger("chatd.writer")
 
 RETRIES = 3
 
-Publish = Callable[[Sequence[RoomEvent], Sequence[Mutation]], None]
+Publish = Callable[[Sequence[RoomEvent]], None]
+# Fan-out of a huge batch (a thousand-member room being created) is split into
+# chunks of about this many events, whole rooms each, with a checkpoint between
+# them so pings and other connections are served meanwhile.
+PUBLISH_CHUNK = 256
 
 
 class Writer:
@@ -122,13 +126,27 @@ class Writer:
             self.batches += 1
             self.committed += len(batch)
             events.sort(key=_event_order)
-            try:
-                self.publish(events, batch)
-            except Exception:  # noqa: BLE001 - fan-out bugs must not lose acks
-                log.exception("writer.publish_failed")
-            for mutation, (result, error) in zip(batch, outcomes):
-                _finish(mutation, result, error)
+            # Committed: fan out and answer even if we are being cancelled (no I/O
+            # waits in here, only checkpoints between chunks).
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._publish(events)
+                except Exception:  # noqa: BLE001 - fan-out bugs must not lose acks
+                    log.exception("writer.publish_failed")
+                for mutation, (result, error) in zip(batch, outcomes):
+                    _finish(mutation, result, error)
             return
+
+    async def _publish(self, events: list[RoomEvent]) -> None:
+        start = 0
+        while start < len(events):
+            end = min(start + PUBLISH_CHUNK, len(events))
+            while end < len(events) and events[end].room_id == events[end - 1].room_id:
+                end += 1  # a room's events stay together: one run per recipient
+            self.publish(events[start:end])
+            start = end
+            if start < len(events):
+                await trio.lowlevel.checkpoint()
 
     def _fail(self, batch: list[Mutation], error: errors.ChatdError) -> None:
         for mutation in batch:

@@ -48,6 +48,16 @@ def test_membership_changes_split_the_run_so_nobody_sees_more_or_less():
     left = RoomEvent(1, 7, "member_left", "alice", 0.0, {"user_id": "bob", "removed": True, "by": "alice"})
     joined = RoomEvent(1, 9, "member_joined", "alice", 0.0, {"user_id": "carol", "role": "member", "by": "alice"})
     rooms.publish([msg(1, 6), left, msg(1, 8), joined, msg(1, 10)])
-    assert a.writes == [b"[1:6]", b"[1:7]", b"[1:8]", b"[1:9]", b"[1:10]"]
-    assert b.writes == [b"[1:6]", b"[1:7]"]  # their own removal, then nothing
-    assert c.writes == [b"[1:9]", b"[1:10]"]  # from their join on
+    assert a.writes == [b"[1:6][1:7]", b"[1:8]", b"[1:9][1:10]"]
+    assert b.writes == [b"[1:6][1:7]"]  # up to their own removal, then nothing
+    assert c.writes == [b"[1:9][1:10]"]  # from their join on
+
+
+def test_a_new_rooms_whole_creation_is_one_write_per_member():
+    rooms = Rooms(encode)
+    boxes = [session(rooms, user, [])[1] for user in ("alice", "bob", "carol")]
+    created = RoomEvent(4, 1, "room_created", "alice", 0.0, {"title": "t", "kind": "group"})
+    joins = [RoomEvent(4, seq, "member_joined", "alice", 0.0, {"user_id": u, "role": "member"})
+             for seq, u in ((2, "alice"), (3, "bob"), (4, "carol"))]
+    rooms.publish([created, *joins])
+    assert all(box.writes == [b"[4:1][4:2][4:3][4:4]"] for box in boxes)

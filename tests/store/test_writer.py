@@ -12,7 +12,7 @@ from chatd.store.writer import Writer
 async def _setup_room(pool, owner="alice", members=("bob",)):
     await pool.execute("INSERT INTO users (id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING", ([owner, *members, "mallory"],))
     published = []
-    writer = Writer(pool, max_batch=500, queue_size=10000, publish=lambda ev, _m: published.extend(ev))
+    writer = Writer(pool, max_batch=500, queue_size=10000, publish=published.extend)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.serve)
         result = await writer.run(ms.CreateGroup(user_id=owner, client_id="create-1", title="t", members=list(members)))
@@ -22,7 +22,7 @@ async def _setup_room(pool, owner="alice", members=("bob",)):
 
 async def _run_writer(pool, work, published=None):
     published = [] if published is None else published
-    writer = Writer(pool, max_batch=500, queue_size=10000, publish=lambda ev, _m: published.extend(ev))
+    writer = Writer(pool, max_batch=500, queue_size=10000, publish=published.extend)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.serve)
         result = await work(writer)
@@ -176,7 +176,7 @@ async def test_nothing_is_acked_when_the_database_is_gone(db_conninfo):
     async with open_pool(db_conninfo, size=2, acquire_timeout=1, connect_timeout=1, query_timeout=5) as pool:
         room = await _setup_room(pool)
         published = []
-        writer = Writer(pool, max_batch=10, queue_size=100, publish=lambda ev, _m: published.extend(ev))
+        writer = Writer(pool, max_batch=10, queue_size=100, publish=published.extend)
         async with trio.open_nursery() as nursery:
             await nursery.start(writer.serve)
             # Point the pool at a server that does not exist: every commit fails.
