@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
+from chatd.store import pgprocess
 from tests.conftest import SECRET, token
 
 pytestmark = pytest.mark.slow
@@ -100,15 +100,6 @@ def _get(url: str) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(") ")[-1][0] != "Z"
-
-
 async def _hello(ws_url: str, user: str) -> dict:
     async with open_websocket_url(ws_url) as ws:
         await ws.send_message(msgpack.packb({"type": "hello", "id": 1, "version": 1, "token": token(user)}))
@@ -134,7 +125,7 @@ async def test_serve_starts_answers_and_stops_cleanly_on_sigterm():
         code = await trio.to_thread.run_sync(server.stop)
         assert code == 0
         assert time.monotonic() - started < 5.0 + 3.0, "did not stop within the grace period"
-        assert not _alive(pg["pid"]), "the embedded PostgreSQL outlived chatd"
+        assert not pgprocess.alive(pg["pid"]), "the embedded PostgreSQL outlived chatd"
     finally:
         server.stop(signal.SIGKILL)
 
@@ -186,7 +177,7 @@ async def test_restart_after_a_crash_reuses_data_and_leaves_no_orphan():
     second = Serve(config)
     try:
         ready = await trio.to_thread.run_sync(second.wait_for, "chatd.ready")
-        assert not _alive(pg_pid), "the crashed chatd's PostgreSQL is still running"
+        assert not pgprocess.alive(pg_pid), "the crashed chatd's PostgreSQL is still running"
         welcome = await _hello(ready["websocket"], "alice")
         assert welcome["type"] == "welcome"
         assert await trio.to_thread.run_sync(second.stop) == 0

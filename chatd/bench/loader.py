@@ -209,16 +209,20 @@ class Loader(Connector):
         if conn.wbuf:
             conn.wbuf += data
             return
-        try:
-            n = conn.sock.send(data)
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            self.lost(conn, None)
-            return
-        if n < len(data):
+        n = self._send(conn, data)
+        if n is not None and n < len(data):
             conn.wbuf = data[n:]
             self.ep.modify(conn.fd, IN | OUT)
+
+    def _send(self, conn: Conn, data: bytes) -> int | None:
+        """One non-blocking send: bytes taken, or None after the connection was lost."""
+        try:
+            return conn.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.lost(conn, None)
+            return None
 
     def on_writable(self, conn: Conn) -> None:
         if conn.state == CONNECTING:
@@ -234,12 +238,8 @@ class Loader(Connector):
         if not data:
             self.ep.modify(conn.fd, IN)
             return
-        try:
-            n = conn.sock.send(data)
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            self.lost(conn, None)
+        n = self._send(conn, data)
+        if n is None:
             return
         conn.wbuf = data[n:]
         if not conn.wbuf:

@@ -272,7 +272,7 @@ async def test_binaries_nobody_cannot_reach_are_copied_into_the_state_dir(state_
     assert "db.embedded.copy_binaries" not in events(logs)
 
 
-@pytest.mark.skipif(IS_ROOT, reason="root may switch accounts")
+@pytest.mark.skipif(IS_ROOT, reason="checks the refusal a non-root chatd gets; as root switching accounts is allowed (covered by the root-only tests)")
 async def test_other_account_needs_root(state_dir):
     with trio.fail_after(10), pytest.raises(EmbeddedDatabaseError, match="needs root"):
         async with open_embedded_postgres(state_dir, run_as="nobody"):
