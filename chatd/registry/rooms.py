@@ -9,12 +9,17 @@ member receives their ``member_left`` and nothing after it.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections import deque
+from typing import Callable, Iterable, Mapping, Sequence
 
 from chatd.domain.model import RoomEvent
 from chatd.registry.sessions import Session
 
 Encode = Callable[[dict], bytes]
+
+# How many recent publishes ``changed_since`` can look back over; a session that
+# took longer than this many publishes to open re-reads its rooms.
+RECENT_PUBLISHES = 1024
 
 
 class Rooms:
@@ -24,6 +29,9 @@ class Rooms:
         self.members: dict[int, set[Session]] = {}
         self.deliveries = 0
         self.slow_consumers = 0
+        # One entry per publish: (highest seq per room, users whose membership changed).
+        self.generation = 0
+        self._recent: deque[tuple[dict[int, int], set[str]]] = deque(maxlen=RECENT_PUBLISHES)
 
     # --- sessions -------------------------------------------------------------------
 
@@ -50,6 +58,27 @@ class Rooms:
         if not sessions:
             self.by_user.pop(session.user_id, None)
             return True
+        return False
+
+    def changed_since(self, generation: int, user_id: str, last_seqs: Mapping[int, int]) -> bool:
+        """Did a publish after ``generation`` concern a session opening from a read?
+
+        True when an event past ``last_seqs`` (room -> last seq the read saw) or a
+        membership change of ``user_id`` went out, or when too much was published
+        to tell: the session may have missed it and must read again (now attached).
+        """
+        behind = self.generation - generation
+        if behind == 0:
+            return False
+        if behind > len(self._recent):
+            return True
+        for i in range(len(self._recent) - behind, len(self._recent)):
+            seqs, movers = self._recent[i]
+            if user_id in movers:
+                return True
+            for room_id, seq in seqs.items():
+                if seq > last_seqs.get(room_id, seq):
+                    return True
         return False
 
     def sessions_of(self, user_id: str) -> list[Session]:
@@ -103,12 +132,19 @@ class Rooms:
         """
         run: list[bytes] = []
         run_room = 0
+        seqs: dict[int, int] = {}
+        movers: set[str] = set()
+        self._recent.append((seqs, movers))
+        self.generation += 1
         for i, event in enumerate(events):
             room_id = event.room_id
+            seqs[room_id] = event.seq
             if run and room_id != run_room:
                 self._broadcast_run(run_room, run)
                 run = []
             kind = event.kind
+            if kind == "member_joined" or kind == "member_left":
+                movers.add(event.data["user_id"])
             if kind == "room_created":
                 # Members added at creation see the room from seq 1: their joins
                 # follow in the same batch (creation is one mutation).

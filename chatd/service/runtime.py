@@ -89,27 +89,35 @@ class Service:
         return await self.verifier.verify(token)
 
     async def open_session(self, outbox: Any, identity: Identity, hello: messages.Hello, log_: Any) -> tuple[Session, messages.Welcome]:
-        """Register a connection for ``identity``; returns the session and the welcome body."""
+        """Register a connection for ``identity``; returns the session and the welcome body.
+
+        One read gives the user and their rooms; the session then receives live
+        events. A room's event published between that read and the attach would
+        be neither in the summary nor delivered, so in that (rare) case the rooms
+        are read again, attached first this time: every event after a summary's
+        last_seq is then delivered, at worst also counted in it (docs/protocol.md §9).
+        """
         user_id = identity.user_id
-        user = await reads.ensure_user(self.pool, user_id)
-        if user["disabled"]:
+        generation = self.rooms.generation
+        disabled, summaries = await reads.hello(self.pool, user_id)
+        if disabled:
             raise errors.Forbidden("this account is disabled")
-        device = hello.device or ""
-        session = Session(user_id, outbox, device=device, expires_at=identity.expires_at, log=log_)
-        # Receive live events before reading last_seq (docs/protocol.md §9): a room's
-        # events after the summary are then never missed, at worst seen twice.
-        first = self.rooms.attach(session, await reads.current_room_ids(self.pool, user_id))
+        session = Session(user_id, outbox, device=hello.device or "", expires_at=identity.expires_at, log=log_)
+        first = self.rooms.attach(session, [row["room_id"] for row in summaries])
         self.sessions.add(session)
-        try:
-            summaries = await reads.room_summaries(self.pool, user_id)
-            for row in summaries:
-                if row["room_id"] not in session.rooms:
-                    self.rooms.enter(session, row["room_id"])
-            if first:
-                self.presence.set_peers(user_id, await reads.dm_peers(self.pool, user_id))
-        except BaseException:
-            await self.close_session(session)
-            raise
+        if self.rooms.changed_since(generation, user_id, {row["room_id"]: row["last_seq"] for row in summaries}):
+            try:
+                summaries = await reads.room_summaries(self.pool, user_id)
+            except BaseException:
+                await self.close_session(session)
+                raise
+            current = {row["room_id"] for row in summaries}
+            for room_id in current - session.rooms:
+                self.rooms.enter(session, room_id)
+            for room_id in session.rooms - current:
+                self.rooms.leave(session, room_id)
+        if first:
+            self.presence.set_peers(user_id, [row["peer"] for row in summaries if "peer" in row])
         self.presence.recompute(user_id)
         welcome = messages.Welcome(
             session_id=uuid.uuid4().hex,

@@ -36,41 +36,53 @@ def room_info_from(row: dict[str, Any]) -> dict[str, Any]:
 _EVENT_COLUMNS = "room_id, seq, kind, sender, extract(epoch FROM created_at)::float8 AS at, data, body, edited, deleted"
 
 
-async def ensure_user(pool: Pool, user_id: str) -> dict[str, Any]:
-    """Create the user row on first sight (the token issuer is the authority on users)."""
-    row = await pool.fetchone(
-        "INSERT INTO users (id) VALUES (%s) ON CONFLICT (id) DO UPDATE SET id = excluded.id"
-        " RETURNING id, display_name, disabled",
-        (user_id,),
-    )
-    return row
+# The caller's current rooms with last seq, read watermark and unread count
+# (RoomSummary, docs/protocol.md §5.2); {only} narrows it to %(ids)s.
+_SUMMARIES_SQL = f"""
+    SELECT r.id AS room_id, r.kind, r.title, r.public, m.role, r.last_seq, m.read_seq, m.joined_seq,
+           (SELECT count(*) FROM (SELECT 1 FROM events e
+               WHERE e.room_id = r.id AND e.seq > m.read_seq AND e.kind = 'message'
+                 AND e.sender <> m.user_id LIMIT {UNREAD_CAP}) u) AS unread,  -- deleted ones count (docs §5.2)
+           (SELECT o.user_id FROM members o WHERE r.kind = 'dm' AND o.room_id = r.id AND o.user_id <> m.user_id) AS peer
+    FROM members m JOIN rooms r ON r.id = m.room_id
+    WHERE m.user_id = %(user)s AND m.left_seq IS NULL {{only}}
+    ORDER BY r.id
+"""
+
+# Everything hello needs in one round trip: the user row is created on first sight
+# (the token issuer is the authority on users; DO NOTHING writes nothing for a known
+# user, so a connect is no commit), then one row per current room, or a single row
+# with a NULL room_id for a user in no room.
+_HELLO_SQL = (
+    "WITH seen AS (INSERT INTO users (id) VALUES (%(user)s) ON CONFLICT (id) DO NOTHING)"
+    " SELECT coalesce((SELECT disabled FROM users WHERE id = %(user)s), false) AS disabled, s.*"
+    " FROM (SELECT 1) one LEFT JOIN LATERAL (" + _SUMMARIES_SQL.format(only="") + ") s ON true"
+)
 
 
-async def room_summaries(pool: Pool, user_id: str, room_ids: list[int] | None = None) -> list[dict[str, Any]]:
-    """The caller's current rooms with last seq, read watermark and unread count."""
-    only = "AND r.id = ANY(%(ids)s)" if room_ids is not None else ""
-    rows = await pool.fetch(
-        f"""
-        SELECT r.id AS room_id, r.kind, r.title, r.public, m.role, r.last_seq, m.read_seq, m.joined_seq,
-               (SELECT count(*) FROM (SELECT 1 FROM events e
-                   WHERE e.room_id = r.id AND e.seq > m.read_seq AND e.kind = 'message'
-                     AND e.sender <> m.user_id LIMIT {UNREAD_CAP}) u) AS unread,  -- deleted ones count (docs §5.2)
-               (SELECT o.user_id FROM members o WHERE r.kind = 'dm' AND o.room_id = r.id AND o.user_id <> m.user_id) AS peer
-        FROM members m JOIN rooms r ON r.id = m.room_id
-        WHERE m.user_id = %(user)s AND m.left_seq IS NULL {only}
-        ORDER BY r.id
-        """,
-        {"user": user_id, "ids": room_ids},
-    )
+def _summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         if row["peer"] is None:
             del row["peer"]
     return rows
 
 
-async def current_room_ids(pool: Pool, user_id: str) -> list[int]:
-    rows = await pool.fetch("SELECT room_id FROM members WHERE user_id = %s AND left_seq IS NULL", (user_id,))
-    return [r["room_id"] for r in rows]
+async def hello(pool: Pool, user_id: str) -> tuple[bool, list[dict[str, Any]]]:
+    """(disabled, room summaries) of ``user_id``, creating the user row on first sight."""
+    rows = await pool.fetch(_HELLO_SQL, {"user": user_id})
+    disabled = rows[0].pop("disabled")
+    for row in rows[1:]:
+        del row["disabled"]
+    if rows[0]["room_id"] is None:
+        return disabled, []
+    return disabled, _summary_rows(rows)
+
+
+async def room_summaries(pool: Pool, user_id: str, room_ids: list[int] | None = None) -> list[dict[str, Any]]:
+    """The caller's current rooms with last seq, read watermark and unread count."""
+    only = "AND r.id = ANY(%(ids)s)" if room_ids is not None else ""
+    rows = await pool.fetch(_SUMMARIES_SQL.format(only=only), {"user": user_id, "ids": room_ids})
+    return _summary_rows(rows)
 
 
 async def room_mates(pool: Pool, user_id: str, candidates: list[str]) -> list[str]:
@@ -109,17 +121,6 @@ async def membership(pool: Pool, room_id: int, user_id: str) -> dict[str, Any]:
 
 async def room_member_ids(pool: Pool, room_id: int) -> list[str]:
     rows = await pool.fetch("SELECT user_id FROM members WHERE room_id = %s AND left_seq IS NULL", (room_id,))
-    return [r["user_id"] for r in rows]
-
-
-async def dm_peers(pool: Pool, user_id: str) -> list[str]:
-    """Users who share a DM with ``user_id`` (they see each other's presence)."""
-    rows = await pool.fetch(
-        "SELECT o.user_id FROM members m JOIN rooms r ON r.id = m.room_id AND r.kind = 'dm'"
-        " JOIN members o ON o.room_id = m.room_id AND o.user_id <> m.user_id"
-        " WHERE m.user_id = %s AND m.left_seq IS NULL",
-        (user_id,),
-    )
     return [r["user_id"] for r in rows]
 
 

@@ -61,3 +61,26 @@ def test_a_new_rooms_whole_creation_is_one_write_per_member():
              for seq, u in ((2, "alice"), (3, "bob"), (4, "carol"))]
     rooms.publish([created, *joins])
     assert all(box.writes == [b"[4:1][4:2][4:3][4:4]"] for box in boxes)
+
+
+def joined(room, seq, user):
+    return RoomEvent(room, seq, "member_joined", "alice", 0.0, {"user_id": user})
+
+
+def test_changed_since_tells_an_opening_session_whether_it_may_have_missed_something():
+    from chatd.registry.rooms import RECENT_PUBLISHES
+
+    rooms = Rooms(encode)
+    start = rooms.generation
+    assert not rooms.changed_since(start, "bob", {1: 5})  # nothing published
+    rooms.publish([msg(1, 5), msg(2, 9)])
+    assert not rooms.changed_since(start, "bob", {1: 5})  # seen by the read; room 2 is not bob's
+    assert rooms.changed_since(start, "bob", {1: 4})  # seq 5 went out after the read
+    rooms.publish([joined(3, 2, "bob")])
+    assert rooms.changed_since(start, "bob", {1: 5})  # bob was added somewhere
+    assert not rooms.changed_since(start, "carol", {1: 5})
+    later = rooms.generation
+    for seq in range(10, 10 + RECENT_PUBLISHES + 1):
+        rooms.publish([msg(2, seq)])
+    assert rooms.changed_since(later, "carol", {1: 5})  # too long ago to tell: read again
+    assert not rooms.changed_since(rooms.generation, "carol", {1: 5})

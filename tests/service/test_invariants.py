@@ -207,6 +207,40 @@ async def test_a_reconnecting_client_syncs_exactly_what_it_missed(make_server):
         assert [e["seq"] for e in again["rooms"][0]["events"]] == [1, 2, 3] and again["removed"] == []
 
 
+async def test_what_commits_while_a_session_opens_is_in_its_welcome_or_delivered(chatd_server, monkeypatch):
+    """hello reads the rooms, then attaches the session: changes published in between
+    (a message, a new room, a removal) must not fall into that gap (docs §9)."""
+    from chatd.store import reads
+
+    async with clients(chatd_server, "alice", "bob") as (a, b):
+        kept = await group(a, ["bob"])
+        dropped = await group(a, ["bob"])
+        await until_seq(b, dropped["room_id"], dropped["last_seq"])
+        read_rooms = reads.hello
+        changes = {}
+
+        async def read_then_change(pool, user_id):
+            result = await read_rooms(pool, user_id)
+            if user_id == "bob" and not changes:  # published after the read, before the attach
+                changes["sent"] = await send(a, kept["room_id"], "in the gap")
+                changes["new"] = await group(a, ["bob"])
+                changes["removed"] = await a.call("remove_member", room_id=dropped["room_id"], user_id="bob", client_id=cid())
+            return result
+
+        monkeypatch.setattr(reads, "hello", read_then_change)
+        async with connect(chatd_server, "bob") as b2:
+            rooms = {r["room_id"]: r for r in b2.welcome["rooms"]}
+            new = changes["new"]["room_id"]
+            assert dropped["room_id"] not in rooms
+            assert rooms[kept["room_id"]]["last_seq"] == changes["sent"]["seq"]
+            assert rooms[new]["last_seq"] == changes["new"]["last_seq"]
+            await send(a, kept["room_id"], "after")
+            await send(a, new, "after")
+            assert (await b2.next_of("event", room_id=kept["room_id"]))["seq"] == changes["sent"]["seq"] + 1
+            assert (await b2.next_of("event", room_id=new))["seq"] == changes["new"]["last_seq"] + 1
+            await silent(b2, 0.3, "event")
+
+
 async def test_a_removed_member_receives_nothing_more(chatd_server):
     async with clients(chatd_server, "alice", "bob", "carol") as (a, b, c):
         room = await group(a, ["bob", "carol"])
