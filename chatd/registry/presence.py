@@ -87,11 +87,15 @@ class Presence:
         self.peers.pop(user_id, None)
 
     def subscribe(self, session: Session, users: Iterable[str]) -> None:
+        if not session.watching:
+            session.watching = set()
         for user in users:
             session.watching.add(user)
             self.subscribers.setdefault(user, set()).add(session)
 
     def unsubscribe(self, session: Session, users: Iterable[str] | None = None) -> None:
+        if not session.watching:
+            return
         for user in list(session.watching if users is None else users):
             session.watching.discard(user)
             subs = self.subscribers.get(user)

@@ -139,7 +139,7 @@ def set_presence(service: Service, session: Session, cmd: m.SetPresence) -> dict
 async def subscribe_presence(service: Service, session: Session, cmd: m.SubscribePresence) -> dict[str, Any]:
     users = list(dict.fromkeys(cmd.user_ids))
     limit = service.limits.max_presence_subscriptions
-    if len(session.watching | set(users)) > limit:
+    if len(set(session.watching).union(users)) > limit:
         raise errors.TooLarge("too many presence subscriptions", field="$.user_ids", max=limit, unit="items")
     visible = set(await reads.room_mates(service.pool, session.user_id, users))
     service.presence.subscribe(session, [u for u in users if u in visible])
@@ -200,7 +200,7 @@ async def refresh(service: Service, session: Session, cmd: m.Refresh) -> dict[st
     identity = await service.authenticate(cmd.token)
     if identity.user_id != session.user_id:
         raise errors.Forbidden("a refreshed token must be for the same user")
-    session.expires_at = identity.expires_at
+    session.expire_at(identity.expires_at, service.config.auth.leeway)
     return {"token_expires_at": identity.expires_at}
 
 

@@ -88,7 +88,7 @@ class Service:
         """Raises errors.Unauthorized / TokenExpired / Unavailable (key fetch)."""
         return await self.verifier.verify(token)
 
-    async def open_session(self, outbox: Any, identity: Identity, hello: messages.Hello, log_: Any) -> tuple[Session, messages.Welcome]:
+    async def open_session(self, outbox: Any, identity: Identity, hello: messages.Hello) -> tuple[Session, messages.Welcome]:
         """Register a connection for ``identity``; returns the session and the welcome body.
 
         One read gives the user and their rooms; the session then receives live
@@ -102,7 +102,7 @@ class Service:
         disabled, summaries = await reads.hello(self.pool, user_id)
         if disabled:
             raise errors.Forbidden("this account is disabled")
-        session = Session(user_id, outbox, device=hello.device or "", expires_at=identity.expires_at, log=log_)
+        session = Session(user_id, outbox, device=hello.device or "", expires_at=identity.expires_at)
         first = self.rooms.attach(session, [row["room_id"] for row in summaries])
         self.sessions.add(session)
         if self.rooms.changed_since(generation, user_id, {row["room_id"]: row["last_seq"] for row in summaries}):

@@ -22,6 +22,10 @@ from chatd.transport.websocket import WebSocketConnection
 log = structlog.get_logger("chatd.ws")
 
 
+def _resume_sync() -> str:
+    return RESUME_SYNC
+
+
 class Listener:
     def __init__(self, cfg: WebSocketConfig, service: Service, port: int) -> None:
         self.cfg = cfg
@@ -33,6 +37,8 @@ class Listener:
         self.conn_nursery: trio.Nursery | None = None
         self._empty = trio.Event()
         self._empty.set()
+        # Made once: a closure per connection would be two more objects per socket.
+        self._path_check = lambda path: path.split("?", 1)[0] == cfg.path
 
     async def handle(self, stream: trio.SocketStream) -> None:
         cfg = self.cfg
@@ -43,8 +49,8 @@ class Listener:
                 max_message_size=cfg.max_frame_bytes,
                 max_pending_bytes=cfg.max_pending_bytes,
                 close_timeout=cfg.close_timeout,
-                path_check=lambda path: path.split("?", 1)[0] == cfg.path,
-                slow_reason=lambda: RESUME_SYNC,
+                path_check=self._path_check,
+                slow_reason=_resume_sync,
             )
         except errors.ChatdError:
             return  # answered (400/404/426/...) or timed out; the stream is closed

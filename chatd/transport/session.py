@@ -1,7 +1,8 @@
 """One client connection, from the WebSocket upgrade to the close.
 
-The connection's nursery runs its writer (the outbox flusher) and a token
-expiry watch; this task is the reader. Data path per frame:
+The connection's nursery holds this task, the reader, and a writer task only
+while the outbox has something to flush; the nursery's deadline is the token's
+expiry. An idle connection is one parked task. Data path per frame:
 bytes -> FrameReader (transport) -> CommandDecoder (protocol) -> handler
 (service) -> one reply frame. A handler that fails unexpectedly closes only
 this connection (1011) and logs the traceback.
@@ -53,27 +54,32 @@ class RateLimit:
 
 async def handle_connection(conn: WebSocketConnection, service: Service) -> None:
     """Serve one upgraded connection until it closes. Never raises (but Cancelled)."""
-    conn_log = log.bind(conn_id=next(_conn_ids))
+    conn_id = next(_conn_ids)
+    leeway = service.config.auth.leeway
     session = None
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(conn.run_writer)
+            conn.write_on_demand(nursery)
             try:
-                session = await _hello(conn, service, conn_log)
+                session = await _hello(conn, service, conn_id)
                 if session is not None:
-                    nursery.start_soon(_expire_token, conn, session, service.config.auth.leeway)
-                    await _read_commands(conn, service, session, conn_log)
+                    session.expiry = nursery.cancel_scope
+                    session.expire_at(session.expires_at, leeway)
+                    await _read_commands(conn, service, session, conn_id)
             except ConnectionClosed:
                 pass
             except Exception:
-                conn_log.exception("ws.internal_error")
+                log.exception("ws.internal_error", conn_id=conn_id)
                 await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
             finally:
                 nursery.cancel_scope.cancel()
+        if session is not None and conn.is_open and session.expired(leeway):
+            await conn.close(CloseCode.TOKEN_EXPIRED, "token expired: refresh before token_expires_at")
     finally:
         if session is not None:
+            session.expiry = None
             await service.close_session(session)
-            conn_log.info("ws.closed", user_id=session.user_id)
+            log.info("ws.closed", conn_id=conn_id, user_id=session.user_id)
 
 
 async def _refuse(conn: WebSocketConnection, request_id: Any, err: errors.ChatdError, code: int, reason: str) -> None:
@@ -81,7 +87,7 @@ async def _refuse(conn: WebSocketConnection, request_id: Any, err: errors.ChatdE
     await conn.close(code, reason)
 
 
-async def _hello(conn: WebSocketConnection, service: Service, conn_log: Any):
+async def _hello(conn: WebSocketConnection, service: Service, conn_id: int):
     """Wait for hello, authenticate, open the session and send welcome.
 
     Returns the session, or None after answering with an error frame and closing
@@ -104,35 +110,24 @@ async def _hello(conn: WebSocketConnection, service: Service, conn_log: Any):
         if not isinstance(cmd, m.Hello):
             raise errors.Unauthorized("the first frame must be hello")
         identity = await service.authenticate(cmd.token)
-        session, welcome = await service.open_session(conn, identity, cmd, conn_log.bind(user_id=identity.user_id))
+        session, welcome = await service.open_session(conn, identity, cmd)
     except errors.ChatdError as exc:
         if request_id is None:
             request_id = getattr(exc, "request_id", None)
-        conn_log.info("ws.hello_refused", code=exc.code, message=exc.message)
+        log.info("ws.hello_refused", conn_id=conn_id, code=exc.code, message=exc.message)
         await _refuse(conn, request_id, exc, handshake_close_code(exc), exc.code)
         return None
     conn.deliver(frame(codec.encode_result(cmd.id, welcome)))
     session.release()  # events fanned out meanwhile follow the welcome
-    conn_log.info("ws.hello", user_id=identity.user_id, device=session.device)
+    log.info("ws.hello", conn_id=conn_id, user_id=identity.user_id, device=session.device)
     return session
-
-
-async def _expire_token(conn: WebSocketConnection, session, leeway: float) -> None:
-    # The same leeway the verifier grants on `exp` (clock skew), so a token that
-    # was accepted is never cut off at once.
-    while True:
-        remaining = session.expires_at + leeway - time.time()
-        if remaining <= 0:
-            await conn.close(CloseCode.TOKEN_EXPIRED, "token expired: refresh before token_expires_at")
-            return
-        await trio.sleep(remaining)
 
 
 RATE_LIMITED_BURSTS = 5
 _MALFORMED = (errors.BadFrame, errors.UnknownCommand, errors.InvalidField, errors.TooLarge)
 
 
-async def _read_commands(conn: WebSocketConnection, service: Service, session, conn_log: Any) -> None:
+async def _read_commands(conn: WebSocketConnection, service: Service, session, conn_id: int) -> None:
     """Decode and dispatch commands until the connection closes.
 
     Abuse closes with 1008: more than ``websocket.max_bad_frames`` malformed
@@ -169,16 +164,16 @@ async def _read_commands(conn: WebSocketConnection, service: Service, session, c
             if isinstance(exc, errors.RateLimited):
                 limited += 1
                 if limited == 1:
-                    conn_log.info("ws.rate_limited", retry_after=exc.retry_after)
+                    log.info("ws.rate_limited", conn_id=conn_id, user_id=session.user_id, retry_after=exc.retry_after)
                 abusive = limited > RATE_LIMITED_BURSTS * cfg.limits.command_burst
             elif isinstance(exc, _MALFORMED):
                 malformed += 1
-                conn_log.info("ws.bad_command", code=exc.code, message=exc.message)
+                log.info("ws.bad_command", conn_id=conn_id, user_id=session.user_id, code=exc.code, message=exc.message)
                 abusive = malformed > cfg.websocket.max_bad_frames
             else:
                 abusive = False
                 if isinstance(exc, errors.Unavailable):
-                    conn_log.warning("ws.unavailable", message=exc.message)
+                    log.warning("ws.unavailable", conn_id=conn_id, user_id=session.user_id, message=exc.message)
             if abusive:
                 await _refuse(conn, request_id, exc, CloseCode.POLICY_VIOLATION, "too many bad or rate-limited commands")
                 return

@@ -8,8 +8,11 @@ waits for the socket to drain and writes *everything* pending in one ``send`` pe
 pass. A connection whose pending bytes exceed ``max_pending_bytes`` is a slow
 consumer: unsent whole frames are dropped and the writer closes it with 4008.
 
-A connection's nursery runs ``run_writer`` next to the task that calls ``receive``
-(STYLE.md convention 3); when either ends, cancel the scope and ``close()``.
+A connection's nursery runs the writer next to the task that calls ``receive``
+(STYLE.md convention 3): either ``run_writer`` for the connection's whole life, or,
+after ``write_on_demand(nursery)``, a writer task started only while something is
+pending and ending once it is flushed - an idle connection then costs no task at
+all. When the reader ends, cancel the scope and ``close()``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from chatd.errors import ChatdError
 from chatd.protocol import websocket as ws
 
 RECEIVE_SIZE = 65536
+_STARTING = object()  # _writer_task while an on-demand writer is started but not yet running
 _OPEN, _CLOSING, _CLOSED = 0, 1, 2
 # After our close frame is out: wait for the peer's close frame, or half-close and
 # discard input until EOF (the peer broke the protocol), or just hang up.
@@ -80,7 +84,7 @@ class WebSocketConnection:
         "handshake", "subprotocol", "close_code", "close_reason",
         "_stream", "_sock", "_send", "_reader", "_max_pending", "_close_timeout",
         "_slow_reason", "_direct", "_state", "_pending", "_pending_size", "_partial_head",
-        "_slow", "_write_failed", "_writer_task", "_parked", "_flushing", "_drained", "_receiving",
+        "_slow", "_write_failed", "_writer_task", "_writer_nursery", "_parked", "_flushing", "_drained", "_receiving",
         "_peer_closed", "_peer_close_event", "_close_done", "_inbox", "_inbox_pos",
     )  # fmt: skip
 
@@ -115,7 +119,8 @@ class WebSocketConnection:
         self._partial_head = False  # pending[0] is the unsent tail of a started frame
         self._slow = False
         self._write_failed = False
-        self._writer_task: trio.lowlevel.Task | None = None
+        self._writer_task: trio.lowlevel.Task | None = None  # or _STARTING
+        self._writer_nursery: trio.Nursery | None = None
         self._parked: trio.lowlevel.Task | None = None
         self._flushing = False  # close() is waiting to write: the writer stays parked
         self._drained: trio.Event | None = None
@@ -231,10 +236,24 @@ class WebSocketConnection:
         if task is not None:
             self._parked = None
             trio.lowlevel.reschedule(task)
+        elif self._writer_task is None and self._writer_nursery is not None:
+            self._writer_task = _STARTING
+            try:
+                self._writer_nursery.start_soon(self._write_until_flushed)
+            except RuntimeError:  # the connection's nursery is closing: close() flushes
+                self._writer_task = None
+                self._writer_nursery = None
 
     def _abort_park(self, _raise_cancel: object) -> trio.lowlevel.Abort:
         self._parked = None
         return trio.lowlevel.Abort.SUCCEEDED
+
+    def write_on_demand(self, nursery: trio.Nursery) -> None:
+        """Start a writer task in ``nursery`` whenever something is pending (instead of
+        ``run_writer``); it flushes, closes a slow consumer with 4008, and ends."""
+        self._writer_nursery = nursery
+        if self._pending or self._slow or self._write_failed:
+            self._wake_writer()
 
     async def run_writer(self) -> None:
         """Flush pending frames until the connection closes; run one per connection.
@@ -247,7 +266,13 @@ class WebSocketConnection:
         pending frames intact for ``close()`` to flush.
         """
         if self._writer_task is not None:
-            raise RuntimeError("run_writer is already running for this connection")
+            raise RuntimeError("a writer is already running for this connection")
+        await self._writer(park=True)
+
+    async def _write_until_flushed(self) -> None:
+        await self._writer(park=False)
+
+    async def _writer(self, park: bool) -> None:
         task = self._writer_task = trio.lowlevel.current_task()
         try:
             while self._state != _CLOSED:
@@ -258,6 +283,8 @@ class WebSocketConnection:
                     frame = ws.encode_close(ws.CLOSE_SLOW_CONSUMER, reason)
                     await self._close(frame, ws.CLOSE_SLOW_CONSUMER, reason, _AWAIT_CLOSE)
                 elif not self._pending or self._flushing:
+                    if not park:
+                        return
                     self._parked = task
                     await trio.lowlevel.wait_task_rescheduled(self._abort_park)
                 else:
@@ -341,12 +368,27 @@ class WebSocketConnection:
             self._inbox_pos = 0
 
     async def _receive_some(self) -> bytes:
+        # Straight from the stdlib socket trio wraps, after waiting for it to be
+        # readable: two coroutine frames fewer than SocketStream.receive_some for
+        # each of thousands of parked readers (_raw_send explains ``_sock``).
         self._receiving = True
         try:
-            data = await self._stream.receive_some(RECEIVE_SIZE)
+            raw = getattr(self._sock, "_sock", None)
+            if raw is None:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            else:
+                while True:
+                    await trio.lowlevel.wait_readable(self._sock)
+                    try:
+                        data = raw.recv(RECEIVE_SIZE)
+                        break
+                    except BlockingIOError:
+                        continue  # a spurious wake-up
         except trio.ClosedResourceError:
             raise self._closed_error() from None
         except (trio.BrokenResourceError, OSError) as exc:
+            if self._state == _CLOSED:  # close() in another task closed the socket
+                raise self._closed_error() from None
             self._peer_gone()
             await self._close(None, ws.CLOSE_ABNORMAL, "connection lost", _HANG_UP)
             raise self._closed_error() from exc

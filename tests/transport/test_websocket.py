@@ -37,6 +37,7 @@ class EchoServer:
     max_pending_bytes: int = 1 << 20
     sndbuf: int | None = None
     echo: bool = True
+    on_demand: bool = False  # writer started only while frames are pending (chatd's mode)
     conns: list[WebSocketConnection] = field(default_factory=list)
     ended: list[tuple[int | None, str]] = field(default_factory=list)
     refused: list[Exception] = field(default_factory=list)
@@ -62,7 +63,10 @@ class EchoServer:
         self.conns.append(conn)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write, conn, nursery.cancel_scope)
+                if self.on_demand:
+                    conn.write_on_demand(nursery)
+                else:
+                    nursery.start_soon(self._write, conn, nursery.cancel_scope)
                 await self._read(conn)
                 nursery.cancel_scope.cancel()
         finally:
@@ -86,9 +90,9 @@ class EchoServer:
             pass
 
 
-@pytest.fixture
-async def server(nursery: trio.Nursery) -> AsyncIterator[EchoServer]:
-    srv = EchoServer()
+@pytest.fixture(params=["parked_writer", "writer_on_demand"])
+async def server(request, nursery: trio.Nursery) -> AsyncIterator[EchoServer]:
+    srv = EchoServer(on_demand=request.param == "writer_on_demand")
     listeners = await nursery.start(partial(trio.serve_tcp, srv.handle, 0, host="127.0.0.1"))
     srv.port = listeners[0].socket.getsockname()[1]
     yield srv
