@@ -375,6 +375,9 @@ class FrameReader:
             self._pos = 0
             if not out:
                 raise
+        if pos == end:  # all consumed: keep no reference to the last read
+            self._buf = b""
+            pos = 0
         self._pos = pos
         return out
 

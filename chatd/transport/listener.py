@@ -5,6 +5,7 @@ its own session task, and drains them on shutdown.
 from __future__ import annotations
 
 import errno
+import os
 
 import structlog
 import trio
@@ -20,6 +21,10 @@ from chatd.transport.upgrade import accept_websocket
 from chatd.transport.websocket import WebSocketConnection
 
 log = structlog.get_logger("chatd.ws")
+
+# Out of descriptors or memory: the listener waits and tries again (as trio's does).
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY = 0.1
 
 
 def _resume_sync() -> str:
@@ -39,6 +44,23 @@ class Listener:
         self._empty.set()
         # Made once: a closure per connection would be two more objects per socket.
         self._path_check = lambda path: path.split("?", 1)[0] == cfg.path
+
+    async def accept(self, sock: trio.SocketListener) -> None:
+        """Accept connections until cancelled, each into its own task of ``conn_nursery``.
+
+        Like trio.serve_listeners, but the task runs ``handle`` itself, without a
+        wrapper coroutine that would stay on every connection's stack.
+        """
+        while True:
+            try:
+                stream = await sock.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("ws.accept_failed", error=os.strerror(exc.errno), retry_in=ACCEPT_RETRY)
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            self.conn_nursery.start_soon(self.handle, stream)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         cfg = self.cfg
@@ -90,6 +112,8 @@ async def serve_websocket(cfg: WebSocketConfig, service: Service, scope: trio.Ca
         listener.conn_nursery = conn_nursery
         task_status.started(listener)
         with listener.accept_scope:
-            await trio.serve_listeners(listener.handle, sockets, handler_nursery=conn_nursery)
+            async with trio.open_nursery() as accepting:
+                for sock in sockets:
+                    accepting.start_soon(listener.accept, sock)
         for sock in sockets:
             await sock.aclose()

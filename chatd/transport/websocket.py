@@ -21,6 +21,7 @@ import errno
 import os
 import socket
 from collections.abc import Callable
+from typing import NoReturn
 
 import trio
 
@@ -73,6 +74,21 @@ def _raw_send(sock: trio.socket.SocketType) -> Callable[[bytes], int]:
     return send
 
 
+def _recv(sock: trio.socket.SocketType) -> bytes:
+    """One non-blocking read of up to RECEIVE_SIZE bytes (BlockingIOError if none).
+
+    From the stdlib socket trio wraps, as in ``_raw_send``; without it, ``os.read``
+    on a descriptor checked per call (-1 once closed, never a reused number).
+    """
+    raw = getattr(sock, "_sock", None)
+    if isinstance(raw, socket.socket):
+        return raw.recv(RECEIVE_SIZE)
+    fd = sock.fileno()
+    if fd < 0:
+        raise OSError(errno.EBADF, "socket is closed")
+    return os.read(fd, RECEIVE_SIZE)
+
+
 class WebSocketConnection:
     """One accepted WebSocket; created by ``upgrade.accept_websocket``, which it owns the stream of.
 
@@ -81,7 +97,7 @@ class WebSocketConnection:
     """
 
     __slots__ = (
-        "handshake", "subprotocol", "close_code", "close_reason",
+        "path", "subprotocol", "close_code", "close_reason",
         "_stream", "_sock", "_send", "_reader", "_max_pending", "_close_timeout",
         "_slow_reason", "_direct", "_state", "_pending", "_pending_size", "_partial_head",
         "_slow", "_write_failed", "_writer_task", "_writer_nursery", "_parked", "_flushing", "_drained", "_receiving",
@@ -99,7 +115,7 @@ class WebSocketConnection:
         subprotocol: str | None = None,
         slow_reason: Callable[[], str] | None = None,
     ) -> None:
-        self.handshake = handshake
+        self.path = handshake.path  # not the whole request: its headers would stay with every socket
         self.subprotocol = subprotocol
         self.close_code: int | None = None
         self.close_reason = ""
@@ -353,7 +369,19 @@ class WebSocketConnection:
                 # Another task is closing and not waiting on us to read the peer's close.
                 await self._close(None, ws.CLOSE_ABNORMAL, "", _HANG_UP)
                 raise self._closed_error()
-            data = await self._receive_some()
+            # Wait here, not in a helper: every parked reader keeps this stack.
+            self._receiving = True
+            try:
+                await trio.lowlevel.wait_readable(self._sock)
+                data = _recv(self._sock)
+            except BlockingIOError:
+                continue  # a spurious wake-up
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                await self._receive_failed(exc)
+            finally:
+                self._receiving = False
+            if not data:
+                await self._receive_failed(None)
             self._reader.feed(data)
             try:
                 msgs = self._reader.next_messages()
@@ -367,38 +395,14 @@ class WebSocketConnection:
             self._inbox = msgs
             self._inbox_pos = 0
 
-    async def _receive_some(self) -> bytes:
-        # Straight from the stdlib socket trio wraps, after waiting for it to be
-        # readable: two coroutine frames fewer than SocketStream.receive_some for
-        # each of thousands of parked readers (_raw_send explains ``_sock``).
-        self._receiving = True
-        try:
-            raw = getattr(self._sock, "_sock", None)
-            if raw is None:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
-            else:
-                while True:
-                    await trio.lowlevel.wait_readable(self._sock)
-                    try:
-                        data = raw.recv(RECEIVE_SIZE)
-                        break
-                    except BlockingIOError:
-                        continue  # a spurious wake-up
-        except trio.ClosedResourceError:
-            raise self._closed_error() from None
-        except (trio.BrokenResourceError, OSError) as exc:
-            if self._state == _CLOSED:  # close() in another task closed the socket
-                raise self._closed_error() from None
-            self._peer_gone()
-            await self._close(None, ws.CLOSE_ABNORMAL, "connection lost", _HANG_UP)
-            raise self._closed_error() from exc
-        finally:
-            self._receiving = False
-        if not data:
-            self._peer_gone()
-            await self._close(None, ws.CLOSE_ABNORMAL, "closed without a close frame", _HANG_UP)
-            raise self._closed_error()
-        return data
+    async def _receive_failed(self, exc: BaseException | None) -> NoReturn:
+        """The socket read failed (``exc``) or hit EOF (None): close and raise."""
+        if isinstance(exc, trio.ClosedResourceError) or self._state == _CLOSED:
+            raise self._closed_error() from None  # close() in another task closed it
+        self._peer_gone()
+        reason = "connection lost" if exc is not None else "closed without a close frame"
+        await self._close(None, ws.CLOSE_ABNORMAL, reason, _HANG_UP)
+        raise self._closed_error() from exc
 
     async def _on_peer_close(self) -> None:
         code, reason = self._reader.close_code or ws.CLOSE_NO_STATUS, self._reader.close_reason

@@ -148,7 +148,7 @@ async def test_trio_websocket_client_exchanges_binary_messages(server: EchoServe
                 await client.send_message(payload)
                 assert await client.get_message() == payload
             await client.ping(b"still there?")  # returns once the pong arrived
-        assert server.conns[0].handshake.path == "/ws"
+        assert server.conns[0].path == "/ws"
 
 
 async def test_trio_websocket_client_close_code_reaches_the_server(server: EchoServer) -> None:
