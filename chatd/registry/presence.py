@@ -20,6 +20,7 @@ from chatd.registry.rooms import Rooms
 from chatd.registry.sessions import Session
 
 Encode = Callable[[dict], bytes]
+_NO_PEERS: frozenset[str] = frozenset()
 
 
 def aggregate(statuses: Iterable[str]) -> str:
@@ -41,7 +42,7 @@ class Presence:
         self.clock = clock
         self.status: dict[str, str] = {}
         self.last_seen: dict[str, float] = {}
-        self.peers: dict[str, set[str]] = {}
+        self.peers: dict[str, set[str] | frozenset[str]] = {}
         self.subscribers: dict[str, set[Session]] = {}
         self._sent: dict[str, str] = {}       # what watchers were last told, per user
         self._changed: set[str] = set()
@@ -73,14 +74,17 @@ class Presence:
         return True
 
     def set_peers(self, user_id: str, peers: Iterable[str]) -> None:
-        self.peers[user_id] = set(peers)
+        # Most users have no DM: they share one empty frozenset, not a set each.
+        self.peers[user_id] = set(peers) or _NO_PEERS
 
     def add_peers(self, a: str, b: str) -> None:
         """A DM between a and b now exists: each watches the other."""
-        if a in self.peers:
-            self.peers[a].add(b)
-        if b in self.peers:
-            self.peers[b].add(a)
+        for user, peer in ((a, b), (b, a)):
+            known = self.peers.get(user)
+            if known is _NO_PEERS:
+                self.peers[user] = {peer}
+            elif known is not None:
+                known.add(peer)
 
     def forget(self, user_id: str) -> None:
         """The user's last session is gone and watchers were told: drop caches."""

@@ -48,8 +48,8 @@ class Listener:
     async def accept(self, sock: trio.SocketListener) -> None:
         """Accept connections until cancelled, each into its own task of ``conn_nursery``.
 
-        Like trio.serve_listeners, but the task runs ``handle`` itself, without a
-        wrapper coroutine that would stay on every connection's stack.
+        Like trio.serve_listeners, but the task runs ``handle_connection`` itself,
+        without a wrapper coroutine that would stay on every connection's stack.
         """
         while True:
             try:
@@ -60,9 +60,10 @@ class Listener:
                 log.error("ws.accept_failed", error=os.strerror(exc.errno), retry_in=ACCEPT_RETRY)
                 await trio.sleep(ACCEPT_RETRY)
                 continue
-            self.conn_nursery.start_soon(self.handle, stream)
+            self.conn_nursery.start_soon(handle_connection, stream, self)
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def upgrade(self, stream: trio.SocketStream) -> WebSocketConnection | None:
+        """The WebSocket on an accepted stream, registered; None if the upgrade failed."""
         cfg = self.cfg
         try:
             conn = await accept_websocket(
@@ -75,14 +76,17 @@ class Listener:
                 slow_reason=_resume_sync,
             )
         except errors.ChatdError:
-            return  # answered (400/404/426/...) or timed out; the stream is closed
+            return None  # answered (400/404/426/...) or timed out; the stream is closed
         self.connections.add(conn)
         self._empty = trio.Event() if self._empty.is_set() else self._empty
+        return conn
+
+    async def release(self, conn: WebSocketConnection) -> None:
+        """The connection's session ended: close it (if not yet) and forget it."""
         try:
-            await handle_connection(conn, self.service)
+            await conn.close(CloseCode.NORMAL)
         finally:
             self.connections.discard(conn)
-            await conn.close(CloseCode.NORMAL)
             if not self.connections:
                 self._empty.set()
 

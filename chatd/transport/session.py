@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -25,6 +25,9 @@ from chatd.protocol.websocket import OP_TEXT
 from chatd.service import commands
 from chatd.service.runtime import Service, frame
 from chatd.transport.websocket import ConnectionClosed, WebSocketConnection
+
+if TYPE_CHECKING:
+    from chatd.transport.listener import Listener
 
 log = structlog.get_logger("chatd.ws")
 _conn_ids = itertools.count(1)
@@ -52,8 +55,16 @@ class RateLimit:
         return (1.0 - self.tokens) / self.rate
 
 
-async def handle_connection(conn: WebSocketConnection, service: Service) -> None:
-    """Serve one upgraded connection until it closes. Never raises (but Cancelled)."""
+async def handle_connection(stream: trio.SocketStream, listener: Listener) -> None:
+    """Upgrade one accepted stream and serve it until it closes. Never raises (but Cancelled).
+
+    One coroutine from accept to close: this frame is on the stack of every idle
+    connection, so nothing here is split into helpers that would stay parked too.
+    """
+    conn = await listener.upgrade(stream)
+    if conn is None:
+        return
+    service = listener.service
     conn_id = next(_conn_ids)
     leeway = service.config.auth.leeway
     session = None
@@ -76,10 +87,13 @@ async def handle_connection(conn: WebSocketConnection, service: Service) -> None
         if session is not None and conn.is_open and session.expired(leeway):
             await conn.close(CloseCode.TOKEN_EXPIRED, "token expired: refresh before token_expires_at")
     finally:
-        if session is not None:
-            session.expiry = None
-            await service.close_session(session)
-            log.info("ws.closed", conn_id=conn_id, user_id=session.user_id)
+        try:
+            if session is not None:
+                session.expiry = None
+                await service.close_session(session)
+                log.info("ws.closed", conn_id=conn_id, user_id=session.user_id)
+        finally:
+            await listener.release(conn)
 
 
 async def _refuse(conn: WebSocketConnection, request_id: Any, err: errors.ChatdError, code: int, reason: str) -> None:
