@@ -103,6 +103,7 @@ class LimitsConfig:
 class WriterConfig:
     max_batch: int = _f(1000, "Most mutations committed in one group-commit transaction.", min=1, max=100000)
     queue_size: int = _f(20000, "Mutations waiting for the writer before senders are told unavailable.", min=1, max=10_000_000)
+    pipeline: int = _f(2, "Batches of sends in flight at once, each in its own transaction on its own pooled connection: the next runs while one commits. 1 = strictly one batch at a time. Must stay below database.pool_size.", min=1, max=16)
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,11 @@ def load(path: Path | str | None = None, env: Mapping[str, str] | None = None) -
         problems.append(
             f"{locate.where(('auth',))}: [auth] needs at least one of hs256_secret, public_key_files, "
             "jwks_url (chatd cannot verify access tokens without a key)"
+        )
+    if not problems and config.writer.pipeline >= config.database.pool_size:
+        problems.append(
+            f"{locate.where(('writer', 'pipeline'))}: 'writer.pipeline' is {config.writer.pipeline} but must be below "
+            f"database.pool_size ({config.database.pool_size}): reads need pooled connections too"
         )
     if problems:
         raise ConfigError(problems)

@@ -66,7 +66,9 @@ class Service:
         self.rooms = Rooms(encode_server_event)
         self.presence = Presence(self.rooms, encode_server_event, window=config.limits.presence_window)
         self.typing = Typing(self.rooms, encode_server_event, ttl=config.limits.typing_ttl)
-        self.writer = Writer(pool, max_batch=config.writer.max_batch, queue_size=config.writer.queue_size, publish=self.publish)
+        self.writer = Writer(
+            pool, max_batch=config.writer.max_batch, queue_size=config.writer.queue_size, publish=self.publish, pipeline=config.writer.pipeline
+        )
         self.sessions: set[Session] = set()
         self.draining = False
         self.nursery: trio.Nursery | None = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import structlog
+import trio
 
 from chatd import errors
 from chatd.domain.model import RoomEvent
@@ -48,8 +49,11 @@ class Mutation:
 class Tx:
     """The writer's open transaction plus the events created in it."""
 
-    def __init__(self, conn: TrioConnection) -> None:
+    def __init__(self, conn: TrioConnection, *, turn: trio.Event | None = None) -> None:
         self.conn = conn
+        # Set when the writer's previous batch has ended its transaction: rows that
+        # give out seqs are locked only after that, so seqs follow batch order.
+        self.turn = turn
         self.events: list[RoomEvent] = []
         self._now: float | None = None
         self._savepoints = 0
@@ -249,6 +253,9 @@ async def _insert_messages(tx: Tx, sends: list[Send], accepted: list[int], outco
     for i in accepted:
         counts[sends[i].room_id] = counts.get(sends[i].room_id, 0) + 1
     room_ids = sorted(counts)
+    if tx.turn is not None:
+        await tx.turn.wait()
+        tx.turn = None
     # Lock the rooms in id order (no deadlock between processes), then move
     # each room's last_seq by the number of messages it gets.
     rows = await tx.fetchall(

@@ -9,6 +9,13 @@ one harms none of the others. After COMMIT the batch's events are published in
 seq order and every waiter is answered. Nothing is answered or published that
 did not commit (DESIGN.md §3.1, §3.2, §3.4).
 
+While one batch commits (the WAL flush) and is published, the next batches of
+sends already run, each in its own transaction on its own connection, up to
+``pipeline`` at once: row locks on ``rooms`` keep each room's seq gapless and in
+commit order, and batches are published and answered strictly in the order they
+were formed, so a room's events go out in seq order and a connection's acks in
+the order it sent. A batch holding any other mutation runs alone.
+
 If the transaction fails for a reason that is not any single mutation's fault
 (a concurrent process committed the same idempotency key, a serialization
 failure) the whole batch is retried; if the database is unreachable every
@@ -41,13 +48,17 @@ PUBLISH_CHUNK = 256
 class Writer:
     """Owns the mutation queue. Start :meth:`serve` in a nursery; use :meth:`submit`."""
 
-    def __init__(self, pool: Pool, *, max_batch: int, queue_size: int, publish: Publish) -> None:
+    def __init__(self, pool: Pool, *, max_batch: int, queue_size: int, publish: Publish, pipeline: int = 1) -> None:
         self.pool = pool
         self.max_batch = max_batch
+        self.pipeline = pipeline
         self.publish = publish
         self._send, self._receive = trio.open_memory_channel[Mutation](queue_size)
         self.batches = 0
         self.committed = 0
+        self.in_flight = 0  # batches between their first statement and their answers
+        self.max_in_flight = 0
+        self._outstanding = 0  # submitted, not yet answered
         self._idle = trio.Event()
         self._idle.set()
 
@@ -62,7 +73,9 @@ class Writer:
             raise errors.Unavailable("server busy: too many pending writes", retry_after=0.5) from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise errors.Unavailable("server is shutting down", retry_after=1.0) from None
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._outstanding += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
 
     async def run(self, mutation: Mutation) -> Any:
         """Submit and wait for the result (HTTP API, tests). Raises the mutation's error."""
@@ -89,26 +102,61 @@ class Writer:
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         receive = self._receive
-        while True:
-            try:
-                first = await receive.receive()
-            except trio.EndOfChannel:
-                self._idle.set()
-                return
-            batch = [first]
-            while len(batch) < self.max_batch:
+        slots = trio.Semaphore(self.pipeline)
+        # Two relays from each batch to the next: "my transaction is over" (the next
+        # may take room locks: seqs follow batch order) and "I have answered" (the
+        # next may publish and answer: events and acks follow batch order).
+        ended, answered = trio.Event(), trio.Event()
+        ended.set()
+        answered.set()
+        async with trio.open_nursery() as nursery:
+            while True:
                 try:
-                    batch.append(receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
+                    first = await receive.receive()
+                except trio.EndOfChannel:
                     break
-            await self._commit(batch)
-            if receive.statistics().current_buffer_used == 0:
-                self._idle.set()
+                await slots.acquire()  # before gathering: the batch takes all that queued meanwhile
+                batch = [first]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                # Only runs of sends take their locks in one statement in room-id
+                # order; anything else could deadlock with a batch in flight.
+                held = 1 if all(type(m) is Send for m in batch) else self.pipeline
+                for _ in range(held - 1):
+                    await slots.acquire()
+                relay = (ended, answered, trio.Event(), trio.Event())
+                nursery.start_soon(self._run, batch, relay, slots, held)
+                ended, answered = relay[2], relay[3]
+            await answered.wait()
 
-    async def _commit(self, batch: list[Mutation]) -> None:
+    async def _run(self, batch: list[Mutation], relay: tuple[trio.Event, ...], slots: trio.Semaphore, held: int) -> None:
+        before_ended, before_answered, ended, answered = relay
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self._commit(batch, before_ended, before_answered, ended)
+        finally:
+            self.in_flight -= 1
+            ended.set()
+            answered.set()
+            for _ in range(held):
+                slots.release()
+
+    async def _commit(
+        self,
+        batch: list[Mutation],
+        before_ended: trio.Event | None = None,
+        before_answered: trio.Event | None = None,
+        ended: trio.Event | None = None,
+    ) -> None:
+        """Commit ``batch`` (taking room locks only once the batch before ended its
+        transaction), then, once that batch has answered, publish and answer."""
         for attempt in range(1, RETRIES + 1):
             try:
-                events, outcomes = await self._transaction(batch)
+                events, outcomes = await self._transaction(batch, before_ended)
             except errors.ChatdError as exc:
                 if isinstance(exc, errors.Contention) and attempt < RETRIES:
                     log.info("writer.retry", attempt=attempt, reason=exc.message)
@@ -117,24 +165,31 @@ class Writer:
                 failure = exc if isinstance(exc, errors.Unavailable) else errors.Unavailable(
                     "write failed, retry with the same client id", retry_after=0.2
                 )
-                self._fail(batch, failure)
-                return
+                events, outcomes = [], [(None, failure)] * len(batch)
             except Exception:  # a bug in a mutation: answer, log, keep the writer alive
                 log.exception("writer.batch_crashed", size=len(batch))
-                self._fail(batch, errors.Internal("internal error: nothing was written; retry with the same client id"))
-                return
-            self.batches += 1
-            self.committed += len(batch)
-            events.sort(key=_event_order)
-            # Committed: fan out and answer even if we are being cancelled (no I/O
-            # waits in here, only checkpoints between chunks).
+                failure = errors.Internal("internal error: nothing was written; retry with the same client id")
+                events, outcomes = [], [(None, failure)] * len(batch)
+            else:
+                self.batches += 1
+                self.committed += len(batch)
+                events.sort(key=_event_order)
+            if ended is not None:
+                ended.set()
+            # Committed (or failed): wait for our turn, fan out and answer even if
+            # we are being cancelled (no I/O waits in here, only checkpoints).
             with trio.CancelScope(shield=True):
+                if before_answered is not None:
+                    await before_answered.wait()
                 try:
                     await self._publish(events)
                 except Exception:  # noqa: BLE001 - fan-out bugs must not lose acks
                     log.exception("writer.publish_failed")
                 for mutation, (result, error) in zip(batch, outcomes):
                     _finish(mutation, result, error)
+                self._outstanding -= len(batch)
+                if self._outstanding == 0:
+                    self._idle.set()
             return
 
     async def _publish(self, events: list[RoomEvent]) -> None:
@@ -148,15 +203,11 @@ class Writer:
             if start < len(events):
                 await trio.lowlevel.checkpoint()
 
-    def _fail(self, batch: list[Mutation], error: errors.ChatdError) -> None:
-        for mutation in batch:
-            _finish(mutation, None, error)
-
-    async def _transaction(self, batch: list[Mutation]) -> tuple[list[RoomEvent], list[tuple[Any, Any]]]:
+    async def _transaction(self, batch: list[Mutation], turn: trio.Event | None = None) -> tuple[list[RoomEvent], list[tuple[Any, Any]]]:
         outcomes: list[tuple[Any, Any]] = [(None, None)] * len(batch)
         events: list[RoomEvent] = []
         async with self.pool.transaction() as conn:
-            tx = Tx(conn)
+            tx = Tx(conn, turn=turn)
             i = 0
             while i < len(batch):
                 if isinstance(batch[i], Send):

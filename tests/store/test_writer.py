@@ -9,13 +9,13 @@ from chatd.store.pool import open_pool
 from chatd.store.writer import Writer
 
 
-async def _setup_room(pool, owner="alice", members=("bob",)):
+async def _setup_room(pool, owner="alice", members=("bob",), client_id="create-1"):
     await pool.execute("INSERT INTO users (id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING", ([owner, *members, "mallory"],))
     published = []
     writer = Writer(pool, max_batch=500, queue_size=10000, publish=published.extend)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.serve)
-        result = await writer.run(ms.CreateGroup(user_id=owner, client_id="create-1", title="t", members=list(members)))
+        result = await writer.run(ms.CreateGroup(user_id=owner, client_id=client_id, title="t", members=list(members)))
         nursery.cancel_scope.cancel()
     return result["room"]["room_id"]
 
@@ -213,3 +213,103 @@ async def test_a_crashing_mutation_fails_its_batch_and_the_writer_lives_on(pool,
 
     result, _ = await _run_writer(pool, work)
     assert result["duplicate"] is False and result["seq"] > 0
+
+
+async def _pipelined(pool, work, *, pipeline=3, max_batch=10):
+    published = []
+    writer = Writer(pool, max_batch=max_batch, queue_size=10000, publish=published.extend, pipeline=pipeline)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.serve)
+        with trio.fail_after(30):
+            result = await work(writer)
+        nursery.cancel_scope.cancel()
+    return writer, result, published
+
+
+async def test_pipelined_batches_answer_in_order_with_gapless_seqs(pool):
+    rooms = [await _setup_room(pool, members=("bob", "carol"), client_id=f"room-{k}") for k in range(3)]
+    answered: list[int] = []
+    results: dict[int, dict] = {}
+    total = 600
+
+    async def work(writer):
+        done = trio.Event()
+
+        def answer(i):
+            def on_done(result, error):
+                assert error is None, error
+                answered.append(i)
+                results[i] = result
+                if len(answered) == total:
+                    done.set()
+            return on_done
+
+        for i in range(total):
+            user = ("alice", "bob", "carol")[i % 3]
+            writer.submit(mu.Send(user_id=user, client_id=f"p{i}", room_id=rooms[i % 3], body=str(i), on_done=answer(i)))
+            if i % 7 == 0:
+                await trio.sleep(0)  # let batches form while others are in flight
+        await done.wait()
+
+    writer, _, published = await _pipelined(pool, work)
+    assert writer.max_in_flight > 1, "no two batches were ever in flight: nothing was pipelined"
+    assert answered == list(range(total))  # answered in the order submitted
+    for k, room in enumerate(rooms):
+        mine = [i for i in range(total) if i % 3 == k]
+        seqs = [results[i]["seq"] for i in mine]
+        assert seqs == list(range(seqs[0], seqs[0] + len(mine)))  # gapless, in the order sent
+        live = [e.seq for e in published if e.room_id == room and e.kind == "message"]
+        assert live == seqs  # published once each, in seq order
+        rows = await pool.fetch("SELECT seq, body FROM events WHERE room_id = %s AND kind = 'message' ORDER BY seq", (room,))
+        assert [(r["seq"], r["body"]) for r in rows] == [(results[i]["seq"], str(i)) for i in mine]
+
+
+async def test_a_retry_in_the_next_pipelined_batch_is_a_duplicate(pool):
+    room = await _setup_room(pool)
+    results = []
+
+    async def work(writer):
+        done = trio.Event()
+
+        def collect(result, error):
+            results.append((result, error))
+            if len(results) == 2:
+                done.set()
+
+        for _ in range(2):  # max_batch=1: two batches, in flight together
+            writer.submit(mu.Send(user_id="alice", client_id="again", room_id=room, body="x", on_done=collect))
+        await done.wait()
+
+    await _pipelined(pool, work, max_batch=1)
+    (first, e1), (second, e2) = results
+    assert e1 is None and e2 is None
+    assert second["seq"] == first["seq"] and second["duplicate"] and not first["duplicate"]
+    count = await pool.fetchone("SELECT count(*) AS n FROM events WHERE room_id = %s AND kind = 'message'", (room,))
+    assert count["n"] == 1
+
+
+async def test_other_mutations_run_alone_between_pipelined_sends(pool):
+    room = await _setup_room(pool)
+    order = []
+
+    async def work(writer):
+        async def send(i):
+            order.append(("send", (await writer.run(mu.Send(user_id="alice", client_id=f"s{i}", room_id=room, body="b")))["seq"]))
+
+        async def add(user):
+            order.append(("add", (await writer.run(ms.AddMember(user_id="alice", client_id=f"add-{user}", room_id=room, target=user)))["seq"]))
+
+        await pool.execute("INSERT INTO users (id) VALUES ('dave'), ('erin') ON CONFLICT DO NOTHING")
+        async with trio.open_nursery() as n:
+            for i in range(40):
+                n.start_soon(send, i)
+                if i in (10, 30):
+                    n.start_soon(add, "dave" if i == 10 else "erin")
+                await trio.sleep(0)
+
+    writer, _, published = await _pipelined(pool, work, max_batch=5)
+    seqs = sorted(seq for _, seq in order)
+    assert seqs == list(range(seqs[0], seqs[0] + 42))
+    assert [e.seq for e in published] == sorted(e.seq for e in published)
+    rows = await pool.fetch("SELECT user_id FROM members WHERE room_id = %s AND left_seq IS NULL ORDER BY user_id", (room,))
+    assert [r["user_id"] for r in rows] == ["alice", "bob", "dave", "erin"]
