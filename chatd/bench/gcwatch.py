@@ -1,8 +1,9 @@
 """``python -m chatd.bench.gcwatch --gc-log FILE serve --config ...``: chatd with its GC pauses logged.
 
-chatd has no GC-pause metric of its own yet, so the bench starts the server through this
-wrapper: it registers a ``gc.callbacks`` hook that times every collection and appends the
-ones of ``--min-ms`` or more to FILE as ``<monotonic_ns at end> <pause_ns> <generation>``
+chatd's own metric (``chatd_gc_max_pause_seconds`` on /metrics) keeps one maximum per
+generation since start; the bench needs the pauses inside each step's window, so it
+starts the server through this wrapper: a ``gc.callbacks`` hook times every collection
+and appends the ones of ``--min-ms`` or more to FILE as ``<monotonic_ns at end> <pause_ns> <generation>``
 lines (one ``write`` per logged pause; the hook itself costs ~1 µs per collection). The
 bench takes the longest pause inside each load step's window. Everything else is the
 normal ``chatd`` command line.
