@@ -64,7 +64,7 @@ class EmbeddedConfig:
 class DatabaseConfig:
     url: str = _f("", "PostgreSQL (>= 14) URL, e.g. postgresql://chatd:pw@db:5432/chatd. Empty = embedded PostgreSQL.", secret=True)
     name: str = _f("chatd", "Database name created and used on the embedded PostgreSQL.", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    pool_size: int = _f(10, "Connections kept in the pool.", min=1, max=500)
+    pool_size: int = _f(10, "Connections kept in the pool for reads (hello, sync, history, the HTTP API); the writer has writer.pipeline connections of its own.", min=1, max=500)
     acquire_timeout: float = _f(5.0, "Seconds to wait for a free pooled connection.", min=0.01, max=600)
     connect_timeout: float = _f(5.0, "Seconds to open one database connection.", min=0.1, max=600)
     query_timeout: float = _f(15.0, "Seconds any single query or transaction may take.", min=0.1, max=3600)
@@ -103,7 +103,7 @@ class LimitsConfig:
 class WriterConfig:
     max_batch: int = _f(1000, "Most mutations committed in one group-commit transaction.", min=1, max=100000)
     queue_size: int = _f(20000, "Mutations waiting for the writer before senders are told unavailable.", min=1, max=10_000_000)
-    pipeline: int = _f(2, "Batches of sends in flight at once, each in its own transaction on its own pooled connection: the next runs while one commits. 1 = strictly one batch at a time. Must stay below database.pool_size.", min=1, max=16)
+    pipeline: int = _f(2, "Batches of sends in flight at once, each in its own transaction: the next runs while one commits. The writer opens this many database connections of its own, besides database.pool_size. 1 = strictly one batch at a time.", min=1, max=16)
 
 
 @dataclass(frozen=True)
@@ -172,11 +172,6 @@ def load(path: Path | str | None = None, env: Mapping[str, str] | None = None) -
         problems.append(
             f"{locate.where(('auth',))}: [auth] needs at least one of hs256_secret, public_key_files, "
             "jwks_url (chatd cannot verify access tokens without a key)"
-        )
-    if not problems and config.writer.pipeline >= config.database.pool_size:
-        problems.append(
-            f"{locate.where(('writer', 'pipeline'))}: 'writer.pipeline' is {config.writer.pipeline} but must be below "
-            f"database.pool_size ({config.database.pool_size}): reads need pooled connections too"
         )
     if problems:
         raise ConfigError(problems)

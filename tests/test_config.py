@@ -58,11 +58,6 @@ def test_out_of_range(tmp_path):
     assert "'database.pool_size' must be between 1 and 500, got 0" in msg
 
 
-def test_writer_pipeline_must_leave_pooled_connections_for_reads(tmp_path):
-    (msg,) = problems(tmp_path, GOOD + "[database]\npool_size = 4\n[writer]\npipeline = 4\n")
-    assert "'writer.pipeline' is 4 but must be below database.pool_size (4)" in msg and "chatd.toml:" in msg
-
-
 def test_choice(tmp_path):
     (msg,) = problems(tmp_path, GOOD + '[log]\nformat = "xml"\n')
     assert "must be one of json, console" in msg

@@ -66,8 +66,21 @@ class Service:
         self.rooms = Rooms(encode_server_event)
         self.presence = Presence(self.rooms, encode_server_event, window=config.limits.presence_window)
         self.typing = Typing(self.rooms, encode_server_event, ttl=config.limits.typing_ttl)
+        # The writer has connections of its own: a storm of reads (hellos, syncs,
+        # history) must not make every durable write wait for a pooled connection.
+        self.writer_pool = Pool(
+            pool.conninfo,
+            size=config.writer.pipeline,
+            acquire_timeout=pool.acquire_timeout,
+            connect_timeout=pool.connect_timeout,
+            query_timeout=pool.query_timeout,
+        )
         self.writer = Writer(
-            pool, max_batch=config.writer.max_batch, queue_size=config.writer.queue_size, publish=self.publish, pipeline=config.writer.pipeline
+            self.writer_pool,
+            max_batch=config.writer.max_batch,
+            queue_size=config.writer.queue_size,
+            publish=self.publish,
+            pipeline=config.writer.pipeline,
         )
         self.sessions: set[Session] = set()
         self.draining = False
@@ -176,4 +189,5 @@ async def open_service(config: Config, pool: Pool) -> AsyncIterator[Service]:
             yield service
             nursery.cancel_scope.cancel()
     finally:
+        await service.writer_pool.aclose()
         await verifier.aclose()

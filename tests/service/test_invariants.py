@@ -351,3 +351,16 @@ async def test_a_bug_in_a_durable_command_harms_no_one_else(chatd_server, monkey
         assert before["type"] == after["type"] == "result" and after["seq"] == before["seq"] + 1
         await still_works(a, b, rid)
         await still_works(b, a, rid)
+
+
+async def test_a_send_is_acked_while_every_pooled_read_connection_is_busy(make_server):
+    """A storm of reads (hellos, syncs, history) must not hold durable writes back: the
+    writer has connections of its own."""
+    server = await make_server(database={"pool_size": 1, "acquire_timeout": 0.5})
+    async with clients(server, "alice", "bob") as (a, b):
+        room = await group(a, ["bob"])
+        async with server.service.pool.connection():  # the only pooled connection, held
+            with trio.fail_after(3):
+                ack = await send(a, room["room_id"], "through")
+            assert ack["seq"] == room["last_seq"] + 1
+            assert (await b.next_of("event", room_id=room["room_id"], kind="message"))["data"]["body"] == "through"
