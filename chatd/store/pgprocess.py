@@ -31,6 +31,19 @@ def alive(pid: int) -> bool:
         return False
 
 
+def group_alive(pgid: int) -> bool:
+    """Is any process of group ``pgid`` still running (zombies aside)?"""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                fields = stat_fields(int(entry.name))
+                if fields[2] == str(pgid) and fields[0] != "Z":
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
+
+
 def is_postgres(pid: int) -> bool | None:
     try:
         return os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(" (deleted)") == "postgres"
