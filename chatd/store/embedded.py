@@ -16,7 +16,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -380,7 +379,7 @@ async def _run(args: list[Any], layout: _Layout, account: _Account | None, timeo
         with trio.move_on_after(timeout) as scope:
             result = await trio.run_process(
                 [str(a) for a in args], capture_stdout=True, stderr=subprocess.STDOUT, check=False,
-                cwd=layout.root, env=_child_env(), start_new_session=True, deliver_cancel=_kill_group,
+                cwd=layout.root, env=_child_env(), start_new_session=True, deliver_cancel=pgprocess.kill_group,
                 **_spawn_options(account))
     except OSError as err:
         raise _os_error(f"run {what}", err) from err
@@ -393,21 +392,6 @@ async def _run(args: list[Any], layout: _Layout, account: _Account | None, timeo
                                         f"under {layout.root}; free space or move the state dir")
         raise EmbeddedDatabaseError(f"{what} failed (exit {result.returncode}):\n{_tail(output)}")
     return output
-
-
-async def _kill_group(process: trio.Process) -> None:
-    """Cancelling a short command kills its whole process group and waits for it.
-
-    initdb runs its postgres backends through a shell: killing initdb alone would leave
-    them writing into the half-made data directory the next start is about to remove.
-    """
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # start_new_session: the group is its pid
-    except ProcessLookupError:
-        return
-    with trio.move_on_after(pgprocess.KILL_WAIT):
-        while pgprocess.group_alive(process.pid):
-            await trio.sleep(pgprocess.POLL)
 
 
 def _child_env() -> dict[str, str]:

@@ -31,19 +31,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def group_alive(pgid: int) -> bool:
-    """Is any process of group ``pgid`` still running (zombies aside)?"""
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit():
-                fields = stat_fields(int(entry.name))
-                if fields[2] == str(pgid) and fields[0] != "Z":
-                    return True
-        except (OSError, IndexError):
-            continue
-    return False
-
-
 def is_postgres(pid: int) -> bool | None:
     try:
         return os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(" (deleted)") == "postgres"
@@ -113,3 +100,31 @@ async def stop_child(process: trio.Process, timeout: float, log: Any) -> None:
             await process.wait()
         await wait_gone(children, KILL_WAIT)
     log.info("db.embedded.stopped", pid=process.pid, returncode=process.returncode)
+
+
+async def kill_group(process: trio.Process) -> None:
+    """``deliver_cancel`` for a short command started with ``start_new_session``: SIGKILL
+    its whole process group and wait until none of it runs (zombies aside).
+
+    initdb runs its postgres backends through a shell: killing initdb alone would leave
+    them writing into the half-made data directory the next start is about to remove.
+    """
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # a new session's group id is its pid
+    except ProcessLookupError:
+        return
+    with trio.move_on_after(KILL_WAIT):
+        while _group_alive(process.pid):
+            await trio.sleep(POLL)
+
+
+def _group_alive(pgid: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                fields = stat_fields(int(entry.name))
+                if fields[2] == str(pgid) and fields[0] != "Z":
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False

@@ -145,13 +145,7 @@ class Writer:
             for _ in range(held):
                 slots.release()
 
-    async def _commit(
-        self,
-        batch: list[Mutation],
-        before_ended: trio.Event | None = None,
-        before_answered: trio.Event | None = None,
-        ended: trio.Event | None = None,
-    ) -> None:
+    async def _commit(self, batch: list[Mutation], before_ended: trio.Event, before_answered: trio.Event, ended: trio.Event) -> None:
         """Commit ``batch`` (taking room locks only once the batch before ended its
         transaction), then, once that batch has answered, publish and answer."""
         for attempt in range(1, RETRIES + 1):
@@ -174,13 +168,11 @@ class Writer:
                 self.batches += 1
                 self.committed += len(batch)
                 events.sort(key=_event_order)
-            if ended is not None:
-                ended.set()
+            ended.set()
             # Committed (or failed): wait for our turn, fan out and answer even if
             # we are being cancelled (no I/O waits in here, only checkpoints).
             with trio.CancelScope(shield=True):
-                if before_answered is not None:
-                    await before_answered.wait()
+                await before_answered.wait()
                 try:
                     await self._publish(events)
                 except Exception:  # noqa: BLE001 - fan-out bugs must not lose acks

@@ -20,9 +20,9 @@ async def _setup_room(pool, owner="alice", members=("bob",), client_id="create-1
     return result["room"]["room_id"]
 
 
-async def _run_writer(pool, work, published=None):
+async def _run_writer(pool, work, published=None, **options):
     published = [] if published is None else published
-    writer = Writer(pool, max_batch=500, queue_size=10000, publish=published.extend)
+    writer = Writer(pool, publish=published.extend, **{"max_batch": 500, "queue_size": 10000, **options})
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.serve)
         result = await work(writer)
@@ -106,23 +106,28 @@ async def _pair(writer, room):
     return await writer.run(mu.Send(user_id="alice", client_id="same", room_id=room, body="once")), None
 
 
+async def _submit_all(writer, mutations) -> list[tuple]:
+    """Queue every mutation at once (nothing runs in between); (result, error) of each."""
+    results = []
+    done = trio.Event()
+
+    def collect(result, error):
+        results.append((result, error))
+        if len(results) == len(mutations):
+            done.set()
+
+    for mutation in mutations:
+        mutation.on_done = collect
+        writer.submit(mutation)
+    await done.wait()
+    return results
+
+
 async def test_duplicate_ids_inside_one_batch_create_one_message(pool):
     room = await _setup_room(pool)
-    results = []
-
-    async def work(writer):
-        done = trio.Event()
-
-        def collect(result, error):
-            results.append((result, error))
-            if len(results) == 3:
-                done.set()
-
-        for _ in range(3):  # queued before the writer runs: same batch
-            writer.submit(mu.Send(user_id="bob", client_id="dup", room_id=room, body="b", on_done=collect))
-        await done.wait()
-
-    await _run_writer(pool, work)
+    # queued before the writer runs: same batch
+    sends = [mu.Send(user_id="bob", client_id="dup", room_id=room, body="b") for _ in range(3)]
+    results, _ = await _run_writer(pool, lambda writer: _submit_all(writer, sends))
     seqs = {r[0]["seq"] for r in results}
     assert len(seqs) == 1 and sum(1 for r in results if r[0]["duplicate"]) == 2
 
@@ -216,14 +221,16 @@ async def test_a_crashing_mutation_fails_its_batch_and_the_writer_lives_on(pool,
 
 
 async def _pipelined(pool, work, *, pipeline=3, max_batch=10):
-    published = []
-    writer = Writer(pool, max_batch=max_batch, queue_size=10000, publish=published.extend, pipeline=pipeline)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.serve)
+    """_run_writer with several batches in flight; returns (writer, result, published)."""
+    used = []
+
+    async def run(writer):
+        used.append(writer)
         with trio.fail_after(30):
-            result = await work(writer)
-        nursery.cancel_scope.cancel()
-    return writer, result, published
+            return await work(writer)
+
+    result, published = await _run_writer(pool, run, pipeline=pipeline, max_batch=max_batch)
+    return used[0], result, published
 
 
 async def test_pipelined_batches_answer_in_order_with_gapless_seqs(pool):
@@ -266,21 +273,9 @@ async def test_pipelined_batches_answer_in_order_with_gapless_seqs(pool):
 
 async def test_a_retry_in_the_next_pipelined_batch_is_a_duplicate(pool):
     room = await _setup_room(pool)
-    results = []
-
-    async def work(writer):
-        done = trio.Event()
-
-        def collect(result, error):
-            results.append((result, error))
-            if len(results) == 2:
-                done.set()
-
-        for _ in range(2):  # max_batch=1: two batches, in flight together
-            writer.submit(mu.Send(user_id="alice", client_id="again", room_id=room, body="x", on_done=collect))
-        await done.wait()
-
-    await _pipelined(pool, work, max_batch=1)
+    # max_batch=1: two batches, in flight together
+    sends = [mu.Send(user_id="alice", client_id="again", room_id=room, body="x") for _ in range(2)]
+    _, results, _ = await _pipelined(pool, lambda writer: _submit_all(writer, sends), max_batch=1)
     (first, e1), (second, e2) = results
     assert e1 is None and e2 is None
     assert second["seq"] == first["seq"] and second["duplicate"] and not first["duplicate"]
