@@ -239,7 +239,8 @@ def mint(
     if not ttl > 0:
         raise InvalidField("ttl must be positive", field="ttl")
     issued = time.time() if now is None else now
-    claims: dict[str, Any] = {**(extra or {}), "sub": user_id, "iat": int(issued), "exp": int(issued + ttl)}
+    # exp rounds up: the token is valid for at least ``ttl`` seconds, also for a ttl of 1.
+    claims: dict[str, Any] = {**(extra or {}), "sub": user_id, "iat": int(issued), "exp": math.ceil(issued + ttl)}
     if audience:
         claims["aud"] = audience
     if issuer:
