@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar
 
 import structlog
 import trio
+from psycopg import errors as pgerr
 
 from chatd import errors
 from chatd.domain.model import RoomEvent
@@ -189,120 +190,104 @@ class Send(Mutation):
     command: ClassVar[str] = "send"
 
 
+# One statement commits a whole run of sends: the idempotency lookup, the membership
+# and reply checks, the per-room seq allocation under row locks taken in room-id
+# order, the events and their idempotency records. Outside a transaction it commits
+# by itself, so a batch of sends is one round trip to the database. A key that a
+# concurrent transaction committed meanwhile fails the statement (unique
+# violation): the writer retries the batch, which then finds it as a duplicate.
+_SEND_SQL = """
+WITH t AS (
+    SELECT * FROM unnest(%(ord)s::int[], %(room)s::bigint[], %(user)s::text[], %(body)s::text[],
+                         %(reply)s::bigint[], %(cid)s::text[])
+        AS t(ord, room_id, user_id, body, reply_to, client_id)),
+looked_up AS MATERIALIZED (
+    SELECT t.*,
+           (SELECT i.result FROM idempotency i WHERE i.user_id = t.user_id AND i.client_id = t.client_id) AS previous,
+           (SELECT m.joined_seq FROM members m
+             WHERE m.room_id = t.room_id AND m.user_id = t.user_id AND m.left_seq IS NULL) AS joined_seq
+    FROM t),
+checked AS (
+    SELECT *, previous IS NULL AND joined_seq IS NOT NULL AND (reply_to IS NULL OR (reply_to >= joined_seq AND EXISTS (
+               SELECT 1 FROM events e WHERE e.room_id = l.room_id AND e.seq = l.reply_to AND e.kind = 'message'))) AS ok
+    FROM looked_up l),
+counts AS (
+    SELECT room_id, count(*)::int AS n, array_agg(ord ORDER BY ord) AS ords FROM checked WHERE ok GROUP BY room_id),
+locked AS (
+    SELECT r.id, c.n, c.ords FROM counts c JOIN rooms r ON r.id = c.room_id ORDER BY r.id FOR UPDATE OF r),
+bumped AS (
+    UPDATE rooms r SET last_seq = r.last_seq + l.n FROM locked l WHERE r.id = l.id
+    RETURNING r.id, r.last_seq - l.n AS base, l.ords),
+numbered AS (
+    SELECT b.id AS room_id, b.base + o.k AS seq, o.ord,
+           (%(user)s::text[])[o.ord + 1] AS user_id, (%(body)s::text[])[o.ord + 1] AS body,
+           (%(reply)s::bigint[])[o.ord + 1] AS reply_to, (%(cid)s::text[])[o.ord + 1] AS client_id
+    FROM bumped b, unnest(b.ords) WITH ORDINALITY AS o(ord, k)),
+ev AS (
+    INSERT INTO events (room_id, seq, kind, sender, body, data, created_at)
+    SELECT room_id, seq, 'message', user_id, body,
+           CASE WHEN reply_to IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('reply_to', reply_to) END, now()
+    FROM numbered),
+idem AS (
+    INSERT INTO idempotency (user_id, client_id, command, result)
+    SELECT user_id, client_id, 'send', jsonb_build_object('seq', seq, 'at', extract(epoch FROM now())::float8)
+    FROM numbered)
+SELECT ord, NULL::jsonb AS previous, true AS member, seq, extract(epoch FROM now())::float8 AS at FROM numbered
+UNION ALL
+SELECT ord, previous, joined_seq IS NOT NULL, NULL, NULL FROM checked WHERE NOT ok
+"""
+
+
 async def send_batch(tx: Tx, sends: list[Send]) -> list[tuple[Any, errors.ChatdError | None]]:
-    """Commit a run of sends with a fixed number of statements, whatever its length."""
+    """Commit a run of sends with one statement, whatever its length."""
     outcomes: list[tuple[Any, errors.ChatdError | None]] = [(None, None)] * len(sends)
-    keys = [(s.user_id, s.client_id) for s in sends]
-    rows = await tx.fetchall(
-        "SELECT i.user_id, i.client_id, i.result FROM idempotency i"
-        " JOIN unnest(%s::text[], %s::text[]) AS k(user_id, client_id) USING (user_id, client_id)",
-        ([k[0] for k in keys], [k[1] for k in keys]),
-    )
-    previous = {(r["user_id"], r["client_id"]): r["result"] for r in rows}
-    fresh: list[int] = []
     first_in_batch: dict[tuple[str, str], int] = {}
-    twins: list[tuple[int, int]] = []  # (retry, first) inside this batch
-    for i, key in enumerate(keys):
-        if key in previous:
-            outcomes[i] = ({**previous[key], "duplicate": True}, None)
-        elif key in first_in_batch:
-            twins.append((i, first_in_batch[key]))  # answered from its first below
+    fresh: list[int] = []
+    twins: list[tuple[int, int]] = []  # (retry, first) inside this batch: answered from its first
+    for i, s in enumerate(sends):
+        key = (s.user_id, s.client_id)
+        if key in first_in_batch:
+            twins.append((i, first_in_batch[key]))
         else:
             first_in_batch[key] = i
             fresh.append(i)
-    if fresh:
-        pairs = await tx.fetchall(
-            "SELECT m.room_id, m.user_id, m.joined_seq FROM members m"
-            " JOIN unnest(%s::bigint[], %s::text[]) AS k(room_id, user_id) USING (room_id, user_id)"
-            " WHERE m.left_seq IS NULL",
-            ([sends[i].room_id for i in fresh], [sends[i].user_id for i in fresh]),
-        )
-        allowed = {(r["room_id"], r["user_id"]): r["joined_seq"] for r in pairs}
-        replies = await _valid_replies(tx, [sends[i] for i in fresh if sends[i].reply_to is not None])
-        accepted = []
-        for i in fresh:
-            s = sends[i]
-            joined = allowed.get((s.room_id, s.user_id))
-            if joined is None:
-                outcomes[i] = (None, errors.NotFound("no such room", room_id=s.room_id))
-            elif s.reply_to is not None and not (s.reply_to >= joined and (s.room_id, s.reply_to) in replies):
-                outcomes[i] = (None, errors.NotFound("reply_to names no message you can see", field="$.reply_to"))
-            else:
-                accepted.append(i)
-        if accepted:
-            await _insert_messages(tx, sends, accepted, outcomes)
+    if tx.turn is not None:  # the statement locks rooms: only after the batch before has ended
+        await tx.turn.wait()
+        tx.turn = None
+    try:
+        rows = await tx.fetchall(_SEND_SQL, {
+            "ord": list(range(len(fresh))),
+            "room": [sends[i].room_id for i in fresh],
+            "user": [sends[i].user_id for i in fresh],
+            "body": [sends[i].body for i in fresh],
+            "reply": [sends[i].reply_to for i in fresh],
+            "cid": [sends[i].client_id for i in fresh],
+        })
+    except pgerr.UniqueViolation as exc:
+        if exc.diag.table_name != "idempotency":
+            raise
+        raise errors.Contention("idempotency key committed concurrently") from exc
+    events = tx.events
+    for row in rows:
+        i = fresh[row["ord"]]
+        s = sends[i]
+        if row["previous"] is not None:
+            outcomes[i] = ({**row["previous"], "duplicate": True}, None)
+        elif not row["member"]:
+            outcomes[i] = (None, errors.NotFound("no such room", room_id=s.room_id))
+        elif row["seq"] is None:
+            outcomes[i] = (None, errors.NotFound("reply_to names no message you can see", field="$.reply_to"))
+        else:
+            at = row["at"]
+            outcomes[i] = ({"seq": row["seq"], "at": at, "duplicate": False}, None)
+            data: dict[str, Any] = {"body": s.body}
+            if s.reply_to is not None:
+                data["reply_to"] = s.reply_to
+            events.append(RoomEvent(s.room_id, row["seq"], "message", s.user_id, at, data))
     for retry, first in twins:
         result, error = outcomes[first]
         outcomes[retry] = ({**result, "duplicate": True} if result else None, error)
     return outcomes
-
-
-async def _valid_replies(tx: Tx, sends: list[Send]) -> set[tuple[int, int]]:
-    if not sends:
-        return set()
-    rows = await tx.fetchall(
-        "SELECT e.room_id, e.seq FROM events e JOIN unnest(%s::bigint[], %s::bigint[]) AS k(room_id, seq)"
-        " USING (room_id, seq) WHERE e.kind = 'message'",
-        ([s.room_id for s in sends], [s.reply_to for s in sends]),
-    )
-    return {(r["room_id"], r["seq"]) for r in rows}
-
-
-async def _insert_messages(tx: Tx, sends: list[Send], accepted: list[int], outcomes: list) -> None:
-    counts: dict[int, int] = {}
-    for i in accepted:
-        counts[sends[i].room_id] = counts.get(sends[i].room_id, 0) + 1
-    room_ids = sorted(counts)
-    if tx.turn is not None:
-        await tx.turn.wait()
-        tx.turn = None
-    # Lock the rooms in id order (no deadlock between processes), then move
-    # each room's last_seq by the number of messages it gets.
-    rows = await tx.fetchall(
-        "WITH locked AS (SELECT id FROM rooms WHERE id = ANY(%s) ORDER BY id FOR UPDATE)"
-        " UPDATE rooms r SET last_seq = r.last_seq + c.n"
-        " FROM unnest(%s::bigint[], %s::int[]) AS c(id, n)"
-        " WHERE r.id = c.id AND r.id IN (SELECT id FROM locked)"
-        " RETURNING r.id, r.last_seq, extract(epoch FROM now())::float8 AS at",
-        (room_ids, room_ids, [counts[r] for r in room_ids]),
-    )
-    next_seq = {r["id"]: r["last_seq"] - counts[r["id"]] + 1 for r in rows}
-    at = rows[0]["at"]
-    room_col, seq_col, user_col, body_col, reply_col, cid_col = [], [], [], [], [], []
-    events = tx.events
-    for i in accepted:
-        s = sends[i]
-        seq = next_seq[s.room_id]
-        next_seq[s.room_id] = seq + 1
-        data: dict[str, Any] = {"body": s.body}
-        if s.reply_to is not None:
-            data["reply_to"] = s.reply_to
-        outcomes[i] = ({"seq": seq, "at": at, "duplicate": False}, None)
-        events.append(RoomEvent(s.room_id, seq, "message", s.user_id, at, data))
-        room_col.append(s.room_id)
-        seq_col.append(seq)
-        user_col.append(s.user_id)
-        body_col.append(s.body)
-        reply_col.append(s.reply_to)
-        cid_col.append(s.client_id)
-    # One statement for the rows and their idempotency records; JSON is built by
-    # PostgreSQL, not per row in Python.
-    row = await tx.fetchone(
-        "WITH t AS (SELECT * FROM unnest(%(room)s::bigint[], %(seq)s::bigint[], %(user)s::text[],"
-        "                                %(body)s::text[], %(reply)s::bigint[], %(cid)s::text[])"
-        "           AS t(room_id, seq, user_id, body, reply_to, client_id)),"
-        " ev AS (INSERT INTO events (room_id, seq, kind, sender, body, data, created_at)"
-        "        SELECT room_id, seq, 'message', user_id, body,"
-        "               CASE WHEN reply_to IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('reply_to', reply_to) END,"
-        "               now() FROM t),"
-        " idem AS (INSERT INTO idempotency (user_id, client_id, command, result)"
-        "          SELECT user_id, client_id, 'send', jsonb_build_object('seq', seq, 'at', %(at)s::float8) FROM t"
-        "          ON CONFLICT DO NOTHING RETURNING 1)"
-        " SELECT count(*) AS stored FROM idem",
-        {"room": room_col, "seq": seq_col, "user": user_col, "body": body_col, "reply": reply_col, "cid": cid_col, "at": at},
-    )
-    if row["stored"] != len(accepted):
-        raise errors.Contention("idempotency key committed concurrently")
 
 
 async def _own_message(tx: Tx, room_id: int, seq: int, user_id: str, *, moderators_too: bool) -> dict[str, Any]:

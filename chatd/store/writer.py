@@ -1,20 +1,23 @@
 """The group-commit writer: every durable mutation goes through here.
 
 Mutations from all connections are queued on one channel. The writer drains up
-to ``max_batch`` of them into ONE transaction: runs of consecutive sends become a
-handful of multi-row statements (idempotency check, membership check, per-room
-seq allocation on ``rooms.last_seq`` under row locks taken in id order, one
-multi-row INSERT), every other mutation runs in its own savepoint so a rejected
-one harms none of the others. After COMMIT the batch's events are published in
-seq order and every waiter is answered. Nothing is answered or published that
-did not commit (DESIGN.md §3.1, §3.2, §3.4).
+to ``max_batch`` of them into ONE commit: a run of sends is one statement
+(idempotency check, membership and reply checks, per-room seq allocation on
+``rooms.last_seq`` under row locks taken in id order, the rows and their
+idempotency records), which commits on its own, so a batch of sends costs one
+round trip; a batch holding any other mutation is one transaction in which each
+of those runs in its own savepoint so a rejected one harms none of the others.
+After the commit the batch's events are published in seq order and every waiter
+is answered. Nothing is answered or published that did not commit (DESIGN.md
+§3.1, §3.2, §3.4).
 
-While one batch commits (the WAL flush) and is published, the next batches of
-sends already run, each in its own transaction on its own connection, up to
-``pipeline`` at once: row locks on ``rooms`` keep each room's seq gapless and in
-commit order, and batches are published and answered strictly in the order they
-were formed, so a room's events go out in seq order and a connection's acks in
-the order it sent. A batch holding any other mutation runs alone.
+While one batch commits and is published, the next batch gathers what queued
+meanwhile, up to ``pipeline`` batches at once, each on its own connection: a
+batch takes its room locks only once the batch before has ended its
+transaction, so each room's seqs stay gapless and in commit order, and batches
+are published and answered strictly in the order they were formed, so a room's
+events go out in seq order and a connection's acks in the order it sent. A batch
+holding any other mutation runs alone.
 
 If the transaction fails for a reason that is not any single mutation's fault
 (a concurrent process committed the same idempotency key, a serialization
@@ -198,7 +201,10 @@ class Writer:
     async def _transaction(self, batch: list[Mutation], turn: trio.Event | None = None) -> tuple[list[RoomEvent], list[tuple[Any, Any]]]:
         outcomes: list[tuple[Any, Any]] = [(None, None)] * len(batch)
         events: list[RoomEvent] = []
-        async with self.pool.transaction() as conn:
+        # A batch of sends is one statement, which commits by itself; anything else
+        # is one transaction of savepoints.
+        only_sends = all(type(m) is Send for m in batch)
+        async with self.pool.connection() if only_sends else self.pool.transaction() as conn:
             tx = Tx(conn, turn=turn)
             i = 0
             while i < len(batch):

@@ -1,5 +1,7 @@
 """The group-commit writer: durable before ack, gapless seqs, idempotency."""
 
+import json
+
 import trio
 
 from chatd import errors
@@ -100,6 +102,40 @@ async def test_retried_send_returns_original_result_and_creates_nothing(pool):
     assert third["seq"] == first["seq"] and third["duplicate"]
     count = await pool.fetchone("SELECT count(*) AS n FROM events WHERE room_id = %s AND kind = 'message'", (room,))
     assert count["n"] == 1
+
+
+async def test_a_key_committed_by_another_process_meanwhile_is_answered_as_its_duplicate(pool):
+    # Another process's transaction holds the same key, uncommitted, while our batch
+    # runs: our statement waits on it, fails when it commits, and the writer's retry
+    # answers with that process's result. Nothing of the failed attempt remains.
+    room = await _setup_room(pool)
+    before = await pool.fetchone("SELECT last_seq FROM rooms WHERE id = %s", (room,))
+    theirs = {"seq": before["last_seq"] + 1, "at": 1.5}
+    async with pool.connection() as other, pool.connection() as watcher:
+        async with trio.open_nursery() as n:
+            async with other.transaction():
+                await other.execute(
+                    "INSERT INTO idempotency (user_id, client_id, command, result) VALUES ('alice', 'raced', 'send', %s)",
+                    (json.dumps(theirs),),
+                )
+                outcome = []
+
+                async def send():
+                    outcome.append(await _run_writer(pool, lambda w: w.run(mu.Send(user_id="alice", client_id="raced", room_id=room, body="x"))))
+
+                n.start_soon(send)
+                with trio.fail_after(10):  # until our statement waits on their row
+                    while not (await (await watcher.execute(
+                        "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                    )).fetchone())["n"]:
+                        await trio.sleep(0.01)
+    (result, published) = outcome[0]
+    assert result == {**theirs, "duplicate": True}
+    assert published == []
+    after = await pool.fetchone("SELECT last_seq FROM rooms WHERE id = %s", (room,))
+    assert after["last_seq"] == before["last_seq"]
+    count = await pool.fetchone("SELECT count(*) AS n FROM events WHERE room_id = %s AND kind = 'message'", (room,))
+    assert count["n"] == 0
 
 
 async def _pair(writer, room):
