@@ -27,7 +27,8 @@ waiter gets ``unavailable`` and may retry with the same client id.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Sequence
 
 import structlog
 import trio
@@ -51,11 +52,17 @@ PUBLISH_CHUNK = 256
 class Writer:
     """Owns the mutation queue. Start :meth:`serve` in a nursery; use :meth:`submit`."""
 
-    def __init__(self, pool: Pool, *, max_batch: int, queue_size: int, publish: Publish, pipeline: int = 1) -> None:
+    def __init__(
+        self, pool: Pool, *, max_batch: int, queue_size: int, publish: Publish, pipeline: int = 1,
+        hold: Callable[[], ContextManager[Any]] = nullcontext,
+    ) -> None:
         self.pool = pool
         self.max_batch = max_batch
         self.pipeline = pipeline
         self.publish = publish
+        # Entered around each publish and the answers that follow it; the service
+        # holds outgoing frames there so each connection gets them in one write.
+        self.hold = hold
         self._send, self._receive = trio.open_memory_channel[Mutation](queue_size)
         self.batches = 0
         self.committed = 0
@@ -176,27 +183,26 @@ class Writer:
             # we are being cancelled (no I/O waits in here, only checkpoints).
             with trio.CancelScope(shield=True):
                 await before_answered.wait()
-                try:
-                    await self._publish(events)
-                except Exception:  # noqa: BLE001 - fan-out bugs must not lose acks
-                    log.exception("writer.publish_failed")
-                for mutation, (result, error) in zip(batch, outcomes):
-                    _finish(mutation, result, error)
+                chunks = _chunks(events)
+                for chunk in chunks[:-1]:  # a huge batch: let others run between chunks
+                    with self.hold():
+                        self._publish(chunk)
+                    await trio.lowlevel.checkpoint()
+                with self.hold():  # the last events and the answers leave together
+                    if chunks:
+                        self._publish(chunks[-1])
+                    for mutation, (result, error) in zip(batch, outcomes):
+                        _finish(mutation, result, error)
                 self._outstanding -= len(batch)
                 if self._outstanding == 0:
                     self._idle.set()
             return
 
-    async def _publish(self, events: list[RoomEvent]) -> None:
-        start = 0
-        while start < len(events):
-            end = min(start + PUBLISH_CHUNK, len(events))
-            while end < len(events) and events[end].room_id == events[end - 1].room_id:
-                end += 1  # a room's events stay together: one run per recipient
-            self.publish(events[start:end])
-            start = end
-            if start < len(events):
-                await trio.lowlevel.checkpoint()
+    def _publish(self, events: list[RoomEvent]) -> None:
+        try:
+            self.publish(events)
+        except Exception:  # noqa: BLE001 - fan-out bugs must not lose acks
+            log.exception("writer.publish_failed")
 
     async def _transaction(self, batch: list[Mutation], turn: trio.Event | None = None) -> tuple[list[RoomEvent], list[tuple[Any, Any]]]:
         outcomes: list[tuple[Any, Any]] = [(None, None)] * len(batch)
@@ -227,6 +233,19 @@ def _finish(mutation: Mutation, result: Any, error: errors.ChatdError | None) ->
         mutation.finish(result, error)
     except Exception:  # noqa: BLE001 - one waiter's callback must not cost the others their answer
         log.exception("writer.answer_failed", command=mutation.command)
+
+
+def _chunks(events: list[RoomEvent]) -> list[list[RoomEvent]]:
+    """``events`` cut into runs of about PUBLISH_CHUNK, a room's events never split."""
+    chunks = []
+    start = 0
+    while start < len(events):
+        end = min(start + PUBLISH_CHUNK, len(events))
+        while end < len(events) and events[end].room_id == events[end - 1].room_id:
+            end += 1  # a room's events stay together: one run per recipient
+        chunks.append(events[start:end])
+        start = end
+    return chunks
 
 
 def _event_order(event: RoomEvent) -> tuple[int, int]:

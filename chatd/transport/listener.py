@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import structlog
 import trio
@@ -18,7 +21,7 @@ from chatd.protocol.websocket import encode_binary
 from chatd.service.runtime import Service
 from chatd.transport.session import handle_connection
 from chatd.transport.upgrade import accept_websocket
-from chatd.transport.websocket import WebSocketConnection
+from chatd.transport.websocket import WebSocketConnection, corked
 
 log = structlog.get_logger("chatd.ws")
 
@@ -100,6 +103,15 @@ class Listener:
         await self._empty.wait()
 
 
+@contextmanager
+def _held_writes(service: Service) -> Iterator[None]:
+    """The writer publishes and answers each batch in here: a connection's frames
+    (a sender's own event and its ack) leave in one send."""
+    with corked() as cork:
+        yield
+    service.rooms.slow_consumers += cork.refused
+
+
 async def serve_websocket(cfg: WebSocketConfig, service: Service, scope: trio.CancelScope | None = None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Listen on cfg.host:cfg.port; reports a :class:`Listener` to task_status.
 
@@ -112,6 +124,7 @@ async def serve_websocket(cfg: WebSocketConfig, service: Service, scope: trio.Ca
         raise errors.StartupError(f"cannot listen on {cfg.host}:{cfg.port}{hint}: {exc.strerror}") from None
     port = sockets[0].socket.getsockname()[1]
     listener = Listener(cfg, service, port)
+    service.writer.hold = partial(_held_writes, service)
     async with trio.open_nursery() as conn_nursery:
         listener.conn_nursery = conn_nursery
         task_status.started(listener)

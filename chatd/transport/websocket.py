@@ -20,7 +20,8 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 import trio
@@ -31,6 +32,44 @@ from chatd.protocol import websocket as ws
 RECEIVE_SIZE = 65536
 _STARTING = object()  # _writer_task while an on-demand writer is started but not yet running
 _OPEN, _CLOSING, _CLOSED = 0, 1, 2
+
+
+class Cork:
+    """Connections holding frames inside a ``corked()`` block."""
+
+    __slots__ = ("conns", "refused")
+
+    def __init__(self) -> None:
+        self.conns: list[WebSocketConnection] = []
+        self.refused = 0  # held bundles a connection refused when they were sent
+
+
+_cork: Cork | None = None
+
+
+@contextmanager
+def corked() -> Iterator[Cork]:
+    """Hold every frame delivered inside the block; at its end each connection
+    sends its frames with one ``send``.
+
+    The writer publishes a batch and answers it inside one block, so a sender's own
+    event and its ack leave together instead of in two syscalls. The block must not
+    await: nothing else runs while frames are held. Nested blocks join the outer one.
+    """
+    global _cork
+    if _cork is not None:
+        yield Cork()  # the outer block sends and counts
+        return
+    cork = _cork = Cork()
+    try:
+        yield cork
+    finally:
+        _cork = None
+        for conn in cork.conns:
+            frames = conn._held
+            conn._held = None
+            if conn.deliver(frames[0] if len(frames) == 1 else b"".join(frames)) is False:
+                cork.refused += 1
 # After our close frame is out: wait for the peer's close frame, or half-close and
 # discard input until EOF (the peer broke the protocol), or just hang up.
 _AWAIT_CLOSE, _LINGER, _HANG_UP = 0, 1, 2
@@ -101,7 +140,7 @@ class WebSocketConnection:
         "_stream", "_sock", "_send", "_reader", "_max_pending", "_close_timeout",
         "_slow_reason", "_direct", "_state", "_pending", "_pending_size", "_partial_head",
         "_slow", "_write_failed", "_writer_task", "_writer_nursery", "_parked", "_flushing", "_drained", "_receiving",
-        "_peer_closed", "_peer_close_event", "_close_done", "_inbox", "_inbox_pos",
+        "_peer_closed", "_peer_close_event", "_close_done", "_inbox", "_inbox_pos", "_held",
     )  # fmt: skip
 
     def __init__(
@@ -146,6 +185,7 @@ class WebSocketConnection:
         self._close_done: trio.Event | None = None
         self._inbox: list[tuple[int, bytes]] | None = None
         self._inbox_pos = 0
+        self._held: list[bytes] | None = None  # frames held by corked()
 
     @property
     def pending_bytes(self) -> int:
@@ -171,8 +211,18 @@ class WebSocketConnection:
         the connection is closing or broken, or it has just become a slow consumer
         (pending bytes over ``max_pending_bytes``), in which case ``run_writer``
         closes it with 4008. The same ``frame`` object may go to many connections.
+        Inside a ``corked()`` block the frame is held and True returned; the block's
+        end sends it.
         """
         if self._direct:
+            if _cork is not None:
+                held = self._held
+                if held is None:
+                    self._held = [frame]
+                    _cork.conns.append(self)
+                else:
+                    held.append(frame)
+                return True
             try:
                 sent = self._send(frame)
             except BlockingIOError:

@@ -1,5 +1,6 @@
 """The group-commit writer: durable before ack, gapless seqs, idempotency."""
 
+import contextlib
 import json
 
 import trio
@@ -136,6 +137,46 @@ async def test_a_key_committed_by_another_process_meanwhile_is_answered_as_its_d
     assert after["last_seq"] == before["last_seq"]
     count = await pool.fetchone("SELECT count(*) AS n FROM events WHERE room_id = %s AND kind = 'message'", (room,))
     assert count["n"] == 0
+
+
+async def test_a_batch_is_published_and_answered_inside_one_hold(pool):
+    # The transport holds outgoing frames while the writer is inside hold(): the
+    # events and the acks of a batch must all be handed over in there.
+    room = await _setup_room(pool)
+    inside = [False]
+    seen = []
+
+    @contextlib.contextmanager
+    def hold():
+        inside[0] = True
+        yield
+        inside[0] = False
+        seen.append("released")
+
+    def publish(events):
+        seen.append(("published", inside[0], len(events)))
+
+    sends = [mu.Send(user_id="alice", client_id=f"h{i}", room_id=room, body="x") for i in range(3)]
+
+    async def work(writer):
+        writer.publish = publish
+        writer.hold = hold
+        done = trio.Event()
+
+        def answered(result, error):
+            assert error is None
+            seen.append(("answered", inside[0]))
+            if len(seen) == 4:
+                done.set()
+
+        for mutation in sends:  # queued together: one batch
+            mutation.on_done = answered
+            writer.submit(mutation)
+        await done.wait()
+
+    await _run_writer(pool, work)
+    assert seen[0] == ("published", True, 3)
+    assert seen[1:4] == [("answered", True)] * 3 and seen[4] == "released"
 
 
 async def _pair(writer, room):

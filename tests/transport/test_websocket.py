@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from wsproto.events import (
 from chatd.errors import Timeout
 from chatd.protocol import websocket as ws
 from chatd.transport.upgrade import accept_websocket
-from chatd.transport.websocket import ConnectionClosed, WebSocketConnection, _raw_send
+from chatd.transport.websocket import ConnectionClosed, WebSocketConnection, _raw_send, corked
 
 
 @dataclass
@@ -326,6 +327,38 @@ async def test_fanout_to_200_connections_never_awaits_or_wakes_a_task(server: Ec
         assert all(conn.pending_bytes == 0 for conn in server.conns)
         for client in clients:
             assert await client.next_event() == BytesMessage(b"room event " * 50)
+        for client in clients:
+            await client.stream.aclose()
+
+
+async def test_corked_frames_are_held_then_sent_with_one_send_per_connection(server: EchoServer) -> None:
+    server.echo = False
+    with trio.fail_after(20):
+        clients = []
+        for _ in range(2):
+            client = await WsprotoClient.connect(server.port)
+            assert isinstance(await client.next_event(), AcceptConnection)
+            clients.append(client)
+        while len(server.conns) < 2:
+            await trio.sleep(0.01)
+        first, second = server.conns
+        sends = []
+        for conn in server.conns:
+            real = conn._send
+            conn._send = lambda data, real=real, conn=conn: sends.append(conn) or real(data)
+        with corked():
+            assert first.deliver(ws.encode_binary(b"event"))
+            assert second.deliver(ws.encode_binary(b"other room"))
+            assert first.deliver(ws.encode_binary(b"ack"))
+            assert sends == [] and first.pending_bytes == 0
+            readable, _, _ = select.select([c.stream.socket.fileno() for c in clients], [], [], 0.05)
+            assert readable == [], "a held frame reached the socket inside the block"
+        assert sends == [first, second]  # one send each, in the order they were first held
+        assert await clients[0].next_event() == BytesMessage(b"event")
+        assert await clients[0].next_event() == BytesMessage(b"ack")
+        assert await clients[1].next_event() == BytesMessage(b"other room")
+        assert first.deliver(ws.encode_binary(b"after")) and sends[-1] is first  # direct again
+        assert await clients[0].next_event() == BytesMessage(b"after")
         for client in clients:
             await client.stream.aclose()
 
