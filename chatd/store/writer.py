@@ -125,7 +125,11 @@ class Writer:
                     first = await receive.receive()
                 except trio.EndOfChannel:
                     break
-                await slots.acquire()  # before gathering: the batch takes all that queued meanwhile
+                await slots.acquire()
+                # Gather only once the batch before has ended its transaction: this
+                # batch could not lock its rooms earlier anyway, and everything that
+                # queued while that batch committed now joins this one.
+                await ended.wait()
                 batch = [first]
                 while len(batch) < self.max_batch:
                     try:

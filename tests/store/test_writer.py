@@ -310,7 +310,10 @@ async def _pipelined(pool, work, *, pipeline=3, max_batch=10):
     return used[0], result, published
 
 
-async def test_pipelined_batches_answer_in_order_with_gapless_seqs(pool):
+async def test_pipelined_batches_answer_in_order_with_gapless_seqs(pool, monkeypatch):
+    # A batch's statement runs while the batch before is still publishing: with
+    # chunks of 2 events the publish checkpoints, and the next batch gets in.
+    monkeypatch.setattr("chatd.store.writer.PUBLISH_CHUNK", 2)
     rooms = [await _setup_room(pool, members=("bob", "carol"), client_id=f"room-{k}") for k in range(3)]
     answered: list[int] = []
     results: dict[int, dict] = {}
