@@ -103,7 +103,7 @@ class LimitsConfig:
 class WriterConfig:
     max_batch: int = _f(1000, "Most mutations committed in one group-commit transaction.", min=1, max=100000)
     queue_size: int = _f(20000, "Mutations waiting for the writer before senders are told unavailable.", min=1, max=10_000_000)
-    pipeline: int = _f(2, "Batches of sends in flight at once, each in its own transaction: the next runs while one commits. The writer opens this many database connections of its own, besides database.pool_size. 1 = strictly one batch at a time.", min=1, max=16)
+    pipeline: int = _f(2, "Batches of sends in flight at once, each on its own connection: a batch's statement runs while the one before is still publishing. The writer opens this many database connections of its own, besides database.pool_size. 1 = strictly one batch at a time.", min=1, max=16)
 
 
 @dataclass(frozen=True)
