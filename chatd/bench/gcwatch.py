@@ -3,9 +3,12 @@
 chatd's own metric (``chatd_gc_max_pause_seconds`` on /metrics) keeps one maximum per
 generation since start; the bench needs the pauses inside each step's window, so it
 starts the server through this wrapper: a ``gc.callbacks`` hook times every collection
-and appends the ones of ``--min-ms`` or more to FILE as ``<monotonic_ns at end> <pause_ns> <generation>``
-lines (one ``write`` per logged pause; the hook itself costs ~1 µs per collection). The
-bench takes the longest pause inside each load step's window. Everything else is the
+and appends the ones of ``--min-ms`` or more to FILE as ``<monotonic_ns at end> <pause_ns> <generation> <cpu_ns>``
+lines, followed by the thread CPU time the collection took (one ``write`` per logged
+pause; the hook itself costs ~1-2 µs per collection). The bench takes the longest pause
+inside each load step's window, in wall time (what clients wait) and in CPU time (the
+collector's own work: on a busy machine the wall time also holds the time the process
+was not scheduled). Everything else is the
 normal ``chatd`` command line.
 """
 
@@ -19,29 +22,32 @@ import time
 
 def install(path: str, min_ns: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    started = [0]
+    started = [0, 0]
     clock = time.perf_counter_ns
+    cpu_clock = time.thread_time_ns
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
             started[0] = clock()
+            started[1] = cpu_clock()
             return
         pause = clock() - started[0]
         if pause >= min_ns:
-            os.write(fd, b"%d %d %d\n" % (time.monotonic_ns(), pause, info.get("generation", -1)))
+            cpu = cpu_clock() - started[1]
+            os.write(fd, b"%d %d %d %d\n" % (time.monotonic_ns(), pause, info.get("generation", -1), cpu))
 
     gc.callbacks.append(on_gc)
 
 
-def read_pauses(path: str, start_ns: int, end_ns: int) -> list[tuple[int, int]]:
-    """(end time, pause ns) of the logged pauses that ended inside [start_ns, end_ns]."""
+def read_pauses(path: str, start_ns: int, end_ns: int) -> list[tuple[int, int, int]]:
+    """(end time, pause ns, CPU ns) of the logged pauses that ended inside [start_ns, end_ns]."""
     out = []
     try:
         with open(path, "rb") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 2 and start_ns <= int(parts[0]) <= end_ns:
-                    out.append((int(parts[0]), int(parts[1])))
+                if len(parts) >= 4 and start_ns <= int(parts[0]) <= end_ns:
+                    out.append((int(parts[0]), int(parts[1]), int(parts[3])))
     except OSError:
         pass
     return out

@@ -80,7 +80,8 @@ def run_one(scenario_name: str, target_name: str, args: argparse.Namespace, prog
         result["connect_rate"] = max(s["connect_rate"] for s in steps)
     if scenario_name == "durable" and steps:
         result["committed_msgs_per_s"] = max(s["achieved_rate"] for s in steps)
-    result["max_gc_pause_ms"] = max((s["max_gc_pause_ms"] for s in steps if s.get("max_gc_pause_ms") is not None), default=None)
+    for key in ("max_gc_pause_ms", "max_gc_pause_cpu_ms"):
+        result[key] = max((s[key] for s in steps if s.get(key) is not None), default=None)
     result["duration_s"] = round(time.monotonic() - started, 1)
     if not args.keep and "error" not in result:
         shutil.rmtree(work, ignore_errors=True)

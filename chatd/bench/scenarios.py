@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from chatd.bench import stats
-from chatd.bench.steps import Context, latency_fields, merge_reports, message_step, other_cpu_pct, should_stop
+from chatd.bench.steps import Context, gc_fields, latency_fields, merge_reports, message_step, other_cpu_pct, should_stop
 
 
 def _spread(ctx: Context, users: list[str], rooms: dict[str, int]) -> dict[int, list[list[int]]]:
@@ -181,7 +181,7 @@ class Idle:
                 **latency_fields("latency", r["probe"], r["probe_max"]),
                 "errors": r["failed"] + sum(r["errors"].values()), "error_kinds": dict(r["errors"]),
                 "slow_consumer_closes": r["closes"].pop("4008", 0), "other_closes": sum(r["closes"].values()),
-                "max_gc_pause_ms": target.gc_pause_ms(t0, t_end),
+                **gc_fields(target, t0, t_end),
                 "loader_cpu_pct": loader_sum, "loader_cpu_pct_max": loader_max, "other_cpu_pct": other,
             })
             rows[-1]["ok"] = rows[-1]["errors"] == 0 and (rows[-1]["latency_p99_ms"] or 0) < 50

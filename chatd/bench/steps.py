@@ -87,6 +87,12 @@ def merge_reports(reports: list[dict]) -> dict:
     return total
 
 
+def gc_fields(target, start_ns: int, end_ns: int) -> dict:
+    """The longest GC pause of the step, wall time and the collector's CPU time."""
+    wall, cpu = target.gc_pause_ms(start_ns, end_ns)
+    return {"max_gc_pause_ms": wall, "max_gc_pause_cpu_ms": cpu}
+
+
 def latency_fields(prefix: str, counts: dict, max_us: int | None) -> dict:
     p = stats.percentiles(counts, max_us=max_us if counts else None)
     return {f"{prefix}_{k}_ms": p[k] for k in ("p50", "p90", "p99", "p999", "max")}
@@ -176,7 +182,7 @@ def step_row(ctx: Context, r: dict, *, offered, mode, duration, per_msg, elapsed
         "error_kinds": dict(r["errors"]),
         "slow_consumer_closes": slow,
         "other_closes": sum(closes.values()),
-        "max_gc_pause_ms": target.gc_pause_ms(t0, t_end),
+        **gc_fields(target, t0, t_end),
         "loader_cpu_pct": loader[0],
         "loader_cpu_pct_max": loader[1],
         "loader_cpu_us_per_delivery": round(loader[2] / 1000 / d, 3) if d else None,

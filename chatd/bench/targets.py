@@ -91,8 +91,9 @@ class Target:
     def db_rss(self) -> int | None:
         return None
 
-    def gc_pause_ms(self, start_ns: int, end_ns: int) -> float | None:
-        return None
+    def gc_pause_ms(self, start_ns: int, end_ns: int) -> tuple[float | None, float | None]:
+        """Longest GC pause in the window: (wall ms, CPU ms); None where not measured."""
+        return None, None
 
     def _launch(self, argv: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> None:
         self.port = self.port or free_port()
@@ -147,9 +148,11 @@ class ChatdTarget(Target):
     def db_rss(self) -> int | None:
         return sum(procstat.rss_bytes(p) for p in procstat.descendants(self.pid))
 
-    def gc_pause_ms(self, start_ns: int, end_ns: int) -> float | None:
+    def gc_pause_ms(self, start_ns: int, end_ns: int) -> tuple[float | None, float | None]:
         pauses = gcwatch.read_pauses(str(self.gc_log), start_ns, end_ns)
-        return round(max((p for _, p in pauses), default=0) / 1e6, 2)
+        wall = max((p for _, p, _ in pauses), default=0)
+        cpu = max((c for _, _, c in pauses), default=0)
+        return round(wall / 1e6, 2), round(cpu / 1e6, 2)
 
     def stop(self) -> None:
         # chatd stops its embedded PostgreSQL on SIGTERM; should it be killed instead,

@@ -14,7 +14,7 @@ from chatd.bench import stats
 STEP_KEYS = {
     "offered_rate", "achieved_rate", "deliveries_per_s", "server_cpu_us_per_delivery", "server_rss_bytes",
     "rss_bytes_per_conn", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_p999_ms",
-    "latency_max_ms", "errors", "slow_consumer_closes", "max_gc_pause_ms", "loader_cpu_pct",
+    "latency_max_ms", "errors", "slow_consumer_closes", "max_gc_pause_ms", "max_gc_pause_cpu_ms", "loader_cpu_pct",
 }
 
 
@@ -49,5 +49,6 @@ def test_quick_fanout_prints_one_json_object_with_the_documented_figures(tmp_pat
     assert first["acked"] > 0 and first["deliveries"] == first["acked"] * 1000
     assert first["server_cpu_us_per_delivery"] > 0 and first["server_rss_bytes"] > 0
     assert first["max_gc_pause_ms"] is not None
+    assert 0 <= first["max_gc_pause_cpu_ms"] <= first["max_gc_pause_ms"] + 1  # CPU time cannot exceed wall time
     assert "saturation_deliveries_per_s" in result
     assert not list(tmp_path.glob("run-*")), "the run's work directory is removed after a good run"
