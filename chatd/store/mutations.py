@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import structlog
-import trio
 from psycopg import errors as pgerr
 
 from chatd import errors
@@ -50,11 +49,8 @@ class Mutation:
 class Tx:
     """The writer's open transaction plus the events created in it."""
 
-    def __init__(self, conn: TrioConnection, *, turn: trio.Event | None = None) -> None:
+    def __init__(self, conn: TrioConnection) -> None:
         self.conn = conn
-        # Set when the writer's previous batch has ended its transaction: rows that
-        # give out seqs are locked only after that, so seqs follow batch order.
-        self.turn = turn
         self.events: list[RoomEvent] = []
         self._now: float | None = None
         self._savepoints = 0
@@ -251,9 +247,6 @@ async def send_batch(tx: Tx, sends: list[Send]) -> list[tuple[Any, errors.ChatdE
         else:
             first_in_batch[key] = i
             fresh.append(i)
-    if tx.turn is not None:  # the statement locks rooms: only after the batch before has ended
-        await tx.turn.wait()
-        tx.turn = None
     try:
         rows = await tx.fetchall(_SEND_SQL, {
             "ord": list(range(len(fresh))),

@@ -11,13 +11,13 @@ After the commit the batch's events are published in seq order and every waiter
 is answered. Nothing is answered or published that did not commit (DESIGN.md
 §3.1, §3.2, §3.4).
 
-While one batch commits and is published, the next batch gathers what queued
-meanwhile, up to ``pipeline`` batches at once, each on its own connection: a
-batch takes its room locks only once the batch before has ended its
-transaction, so each room's seqs stay gapless and in commit order, and batches
-are published and answered strictly in the order they were formed, so a room's
-events go out in seq order and a connection's acks in the order it sent. A batch
-holding any other mutation runs alone.
+Transactions run one after another: the next batch is gathered once the batch
+before has ended its transaction, so it takes everything that queued meanwhile,
+and each room's seqs stay gapless and in commit order. A batch's statement may
+run while the batch before is still publishing (up to ``pipeline`` batches in
+flight, each with its own connection); batches are published and answered
+strictly in the order they were formed, so a room's events go out in seq order
+and a connection's acks in the order it sent.
 
 If the transaction fails for a reason that is not any single mutation's fault
 (a concurrent process committed the same idempotency key, a serialization
@@ -113,9 +113,12 @@ class Writer:
         task_status.started()
         receive = self._receive
         slots = trio.Semaphore(self.pipeline)
-        # Two relays from each batch to the next: "my transaction is over" (the next
-        # may take room locks: seqs follow batch order) and "I have answered" (the
-        # next may publish and answer: events and acks follow batch order).
+        # Transactions run one after another: a batch is gathered only once the batch
+        # before has ended its transaction (it could not lock its rooms earlier
+        # anyway, and everything that queued meanwhile joins it), so seqs follow batch
+        # order and no two transactions can deadlock. Publishing and answering are
+        # relayed from batch to batch, so events and acks keep batch order too; up to
+        # ``pipeline`` batches are in flight, one in its transaction, others publishing.
         ended, answered = trio.Event(), trio.Event()
         ended.set()
         answered.set()
@@ -126,9 +129,6 @@ class Writer:
                 except trio.EndOfChannel:
                     break
                 await slots.acquire()
-                # Gather only once the batch before has ended its transaction: this
-                # batch could not lock its rooms earlier anyway, and everything that
-                # queued while that batch committed now joins this one.
                 await ended.wait()
                 batch = [first]
                 while len(batch) < self.max_batch:
@@ -136,35 +136,28 @@ class Writer:
                         batch.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                # Only runs of sends take their locks in one statement in room-id
-                # order; anything else could deadlock with a batch in flight.
-                held = 1 if all(type(m) is Send for m in batch) else self.pipeline
-                for _ in range(held - 1):
-                    await slots.acquire()
-                relay = (ended, answered, trio.Event(), trio.Event())
-                nursery.start_soon(self._run, batch, relay, slots, held)
-                ended, answered = relay[2], relay[3]
+                before_answered, ended, answered = answered, trio.Event(), trio.Event()
+                nursery.start_soon(self._run, batch, before_answered, ended, answered, slots)
             await answered.wait()
 
-    async def _run(self, batch: list[Mutation], relay: tuple[trio.Event, ...], slots: trio.Semaphore, held: int) -> None:
-        before_ended, before_answered, ended, answered = relay
+    async def _run(
+        self, batch: list[Mutation], before_answered: trio.Event, ended: trio.Event, answered: trio.Event, slots: trio.Semaphore
+    ) -> None:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            await self._commit(batch, before_ended, before_answered, ended)
+            await self._commit(batch, before_answered, ended)
         finally:
             self.in_flight -= 1
             ended.set()
             answered.set()
-            for _ in range(held):
-                slots.release()
+            slots.release()
 
-    async def _commit(self, batch: list[Mutation], before_ended: trio.Event, before_answered: trio.Event, ended: trio.Event) -> None:
-        """Commit ``batch`` (taking room locks only once the batch before ended its
-        transaction), then, once that batch has answered, publish and answer."""
+    async def _commit(self, batch: list[Mutation], before_answered: trio.Event, ended: trio.Event) -> None:
+        """Commit ``batch``, then, once the batch before has answered, publish and answer."""
         for attempt in range(1, RETRIES + 1):
             try:
-                events, outcomes = await self._transaction(batch, before_ended)
+                events, outcomes = await self._transaction(batch)
             except errors.ChatdError as exc:
                 if isinstance(exc, errors.Contention) and attempt < RETRIES:
                     log.info("writer.retry", attempt=attempt, reason=exc.message)
@@ -208,14 +201,14 @@ class Writer:
         except Exception:  # noqa: BLE001 - fan-out bugs must not lose acks
             log.exception("writer.publish_failed")
 
-    async def _transaction(self, batch: list[Mutation], turn: trio.Event | None = None) -> tuple[list[RoomEvent], list[tuple[Any, Any]]]:
+    async def _transaction(self, batch: list[Mutation]) -> tuple[list[RoomEvent], list[tuple[Any, Any]]]:
         outcomes: list[tuple[Any, Any]] = [(None, None)] * len(batch)
         events: list[RoomEvent] = []
         # A batch of sends is one statement, which commits by itself; anything else
         # is one transaction of savepoints.
         only_sends = all(type(m) is Send for m in batch)
         async with self.pool.connection() if only_sends else self.pool.transaction() as conn:
-            tx = Tx(conn, turn=turn)
+            tx = Tx(conn)
             i = 0
             while i < len(batch):
                 if isinstance(batch[i], Send):

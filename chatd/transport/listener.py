@@ -21,7 +21,8 @@ from chatd.protocol.websocket import encode_binary
 from chatd.service.runtime import Service
 from chatd.transport.session import handle_connection
 from chatd.transport.upgrade import accept_websocket
-from chatd.transport.websocket import WebSocketConnection, corked
+from chatd.transport.cork import corked
+from chatd.transport.websocket import WebSocketConnection
 
 log = structlog.get_logger("chatd.ws")
 

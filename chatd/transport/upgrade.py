@@ -10,7 +10,8 @@ import trio
 
 from chatd.errors import Timeout
 from chatd.protocol import websocket as ws
-from chatd.transport.websocket import RECEIVE_SIZE, ConnectionClosed, WebSocketConnection
+from chatd.transport.sockio import RECEIVE_SIZE
+from chatd.transport.websocket import ConnectionClosed, WebSocketConnection
 
 
 async def accept_websocket(

@@ -17,59 +17,18 @@ all. When the reader ends, cancel the scope and ``close()``.
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import NoReturn
 
 import trio
 
 from chatd.errors import ChatdError
 from chatd.protocol import websocket as ws
+from chatd.transport import cork
+from chatd.transport.sockio import RECEIVE_SIZE, raw_recv, raw_send
 
-RECEIVE_SIZE = 65536
 _STARTING = object()  # _writer_task while an on-demand writer is started but not yet running
 _OPEN, _CLOSING, _CLOSED = 0, 1, 2
-
-
-class Cork:
-    """Connections holding frames inside a ``corked()`` block."""
-
-    __slots__ = ("conns", "refused")
-
-    def __init__(self) -> None:
-        self.conns: list[WebSocketConnection] = []
-        self.refused = 0  # held bundles a connection refused when they were sent
-
-
-_cork: Cork | None = None
-
-
-@contextmanager
-def corked() -> Iterator[Cork]:
-    """Hold every frame delivered inside the block; at its end each connection
-    sends its frames with one ``send``.
-
-    The writer publishes a batch and answers it inside one block, so a sender's own
-    event and its ack leave together instead of in two syscalls. The block must not
-    await: nothing else runs while frames are held. Nested blocks join the outer one.
-    """
-    global _cork
-    if _cork is not None:
-        yield Cork()  # the outer block sends and counts
-        return
-    cork = _cork = Cork()
-    try:
-        yield cork
-    finally:
-        _cork = None
-        for conn in cork.conns:
-            frames = conn._held
-            conn._held = None
-            if conn.deliver(frames[0] if len(frames) == 1 else b"".join(frames)) is False:
-                cork.refused += 1
 # After our close frame is out: wait for the peer's close frame, or half-close and
 # discard input until EOF (the peer broke the protocol), or just hang up.
 _AWAIT_CLOSE, _LINGER, _HANG_UP = 0, 1, 2
@@ -90,44 +49,6 @@ class ConnectionClosed(ChatdError):
         self.reason = reason
 
 
-def _raw_send(sock: trio.socket.SocketType) -> Callable[[bytes], int]:
-    """A synchronous non-blocking ``send`` for a trio socket (trio's own is async).
-
-    We call the stdlib socket trio wraps (non-blocking: BlockingIOError when full).
-    Unlike ``os.write(fd)``, at the same ~1.1 µs, it fails with EBADF once the socket
-    is closed instead of writing into whichever socket reuses the descriptor number:
-    a stream closed behind our back (``serve_tcp`` closes it after its handler) must
-    never leak a frame to another user. ``_sock`` is private to trio but stable
-    since 2017; without it we use ``os.write`` and re-check the descriptor per call.
-    """
-    raw = getattr(sock, "_sock", None)
-    if isinstance(raw, socket.socket):
-        return raw.send
-
-    def send(data: bytes) -> int:
-        fd = sock.fileno()
-        if fd < 0:
-            raise OSError(errno.EBADF, "socket is closed")
-        return os.write(fd, data)
-
-    return send
-
-
-def _recv(sock: trio.socket.SocketType) -> bytes:
-    """One non-blocking read of up to RECEIVE_SIZE bytes (BlockingIOError if none).
-
-    From the stdlib socket trio wraps, as in ``_raw_send``; without it, ``os.read``
-    on a descriptor checked per call (-1 once closed, never a reused number).
-    """
-    raw = getattr(sock, "_sock", None)
-    if isinstance(raw, socket.socket):
-        return raw.recv(RECEIVE_SIZE)
-    fd = sock.fileno()
-    if fd < 0:
-        raise OSError(errno.EBADF, "socket is closed")
-    return os.read(fd, RECEIVE_SIZE)
-
-
 class WebSocketConnection:
     """One accepted WebSocket; created by ``upgrade.accept_websocket``, which it owns the stream of.
 
@@ -140,7 +61,7 @@ class WebSocketConnection:
         "_stream", "_sock", "_send", "_reader", "_max_pending", "_close_timeout",
         "_slow_reason", "_direct", "_state", "_pending", "_pending_size", "_partial_head",
         "_slow", "_write_failed", "_writer_task", "_writer_nursery", "_parked", "_flushing", "_drained", "_receiving",
-        "_peer_closed", "_peer_close_event", "_close_done", "_inbox", "_inbox_pos", "_held",
+        "_peer_closed", "_peer_close_event", "_close_done", "_inbox", "_inbox_pos",
     )  # fmt: skip
 
     def __init__(
@@ -160,7 +81,7 @@ class WebSocketConnection:
         self.close_reason = ""
         self._stream = stream
         self._sock = stream.socket
-        self._send = _raw_send(stream.socket)
+        self._send = raw_send(stream.socket)
         self._reader = ws.FrameReader(max_message_size=max_message_size)
         if handshake.leftover:
             self._reader.feed(handshake.leftover)
@@ -185,7 +106,6 @@ class WebSocketConnection:
         self._close_done: trio.Event | None = None
         self._inbox: list[tuple[int, bytes]] | None = None
         self._inbox_pos = 0
-        self._held: list[bytes] | None = None  # frames held by corked()
 
     @property
     def pending_bytes(self) -> int:
@@ -211,17 +131,12 @@ class WebSocketConnection:
         the connection is closing or broken, or it has just become a slow consumer
         (pending bytes over ``max_pending_bytes``), in which case ``run_writer``
         closes it with 4008. The same ``frame`` object may go to many connections.
-        Inside a ``corked()`` block the frame is held and True returned; the block's
-        end sends it.
+        Inside a ``cork.corked()`` block the frame is held and True returned; the
+        block's end sends it.
         """
         if self._direct:
-            if _cork is not None:
-                held = self._held
-                if held is None:
-                    self._held = [frame]
-                    _cork.conns.append(self)
-                else:
-                    held.append(frame)
+            if cork.current is not None:
+                cork.current.hold(self, frame)
                 return True
             try:
                 sent = self._send(frame)
@@ -423,7 +338,7 @@ class WebSocketConnection:
             self._receiving = True
             try:
                 await trio.lowlevel.wait_readable(self._sock)
-                data = _recv(self._sock)
+                data = raw_recv(self._sock)
             except BlockingIOError:
                 continue  # a spurious wake-up
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

@@ -363,7 +363,7 @@ async def test_a_retry_in_the_next_pipelined_batch_is_a_duplicate(pool):
     assert count["n"] == 1
 
 
-async def test_other_mutations_run_alone_between_pipelined_sends(pool):
+async def test_other_mutations_between_pipelined_sends_keep_seqs_gapless(pool):
     room = await _setup_room(pool)
     order = []
 

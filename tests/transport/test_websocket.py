@@ -27,7 +27,9 @@ from wsproto.events import (
 from chatd.errors import Timeout
 from chatd.protocol import websocket as ws
 from chatd.transport.upgrade import accept_websocket
-from chatd.transport.websocket import ConnectionClosed, WebSocketConnection, _raw_send, corked
+from chatd.transport.cork import corked
+from chatd.transport.sockio import raw_send
+from chatd.transport.websocket import ConnectionClosed, WebSocketConnection
 
 
 @dataclass
@@ -294,6 +296,18 @@ async def test_stalled_reader_is_closed_as_slow_consumer_while_others_keep_up(
         assert (ws.CLOSE_SLOW_CONSUMER, "slow consumer; resume after seq 41") in server.ended
 
 
+async def _accepted_clients(server: EchoServer, n: int) -> list[WsprotoClient]:
+    """``n`` wsproto clients whose handshakes the server accepted and registered."""
+    clients = []
+    for _ in range(n):
+        client = await WsprotoClient.connect(server.port)
+        assert isinstance(await client.next_event(), AcceptConnection)
+        clients.append(client)
+    while len(server.conns) < n:
+        await trio.sleep(0.01)
+    return clients
+
+
 class SchedulingCounter(trio.abc.Instrument):
     def __init__(self) -> None:
         self.scheduled = 0
@@ -305,13 +319,7 @@ class SchedulingCounter(trio.abc.Instrument):
 async def test_fanout_to_200_connections_never_awaits_or_wakes_a_task(server: EchoServer) -> None:
     server.echo = False
     with trio.fail_after(20):
-        clients = []
-        for _ in range(200):
-            client = await WsprotoClient.connect(server.port)
-            assert isinstance(await client.next_event(), AcceptConnection)
-            clients.append(client)
-        while len(server.conns) < 200:
-            await trio.sleep(0.01)
+        clients = await _accepted_clients(server, 200)
         await trio.sleep(0.05)  # let every writer task park
         frame = ws.encode_binary(b"room event " * 50)
         counter = SchedulingCounter()
@@ -334,13 +342,7 @@ async def test_fanout_to_200_connections_never_awaits_or_wakes_a_task(server: Ec
 async def test_corked_frames_are_held_then_sent_with_one_send_per_connection(server: EchoServer) -> None:
     server.echo = False
     with trio.fail_after(20):
-        clients = []
-        for _ in range(2):
-            client = await WsprotoClient.connect(server.port)
-            assert isinstance(await client.next_event(), AcceptConnection)
-            clients.append(client)
-        while len(server.conns) < 2:
-            await trio.sleep(0.01)
+        clients = await _accepted_clients(server, 2)
         first, second = server.conns
         sends = []
         for conn in server.conns:
@@ -450,7 +452,7 @@ def test_fallback_send_refuses_a_closed_descriptor() -> None:
             def fileno(self) -> int:
                 return a.fileno()
 
-        send = _raw_send(SocketWithoutInternals())  # type: ignore[arg-type]
+        send = raw_send(SocketWithoutInternals())  # type: ignore[arg-type]
         assert send(b"hi") == 2
         assert b.recv(2) == b"hi"
         a.close()
