@@ -30,6 +30,7 @@ from chatd.protocol.messages import (
     COMMANDS,
     MAX_EMOJI_BYTES,
     MAX_ID_CHARS,
+    NO_NUL,
     SUPPORTED_VERSIONS,
     AnyCommand,
     Command,
@@ -178,6 +179,7 @@ _AT = re.compile(r" - at (`key` in )?`([^`]*)`\Z")
 _FIELD = re.compile(r"\AObject (missing required|contains unknown) field `([^`]*)`\Z")
 _MAX_LEN = re.compile(r"\AExpected `(str|array|object)` of length <= (\d+)\Z")
 _UNITS = {"str": "chars", "array": "items", "object": "entries"}
+_NUL_FREE = f"str matching regex {NO_NUL!r}"
 
 
 def _lenient_id(value: Any) -> int | str | None:
@@ -230,6 +232,8 @@ def _field_error(text: str, limits: Limits) -> ChatdError:
         )
         return TooLarge(f"{path} is longer than {limit} {unit}", field=path, max=limit, unit=unit)
     expected = text.removeprefix("Expected ").replace("`", "")
+    if expected == _NUL_FREE:
+        expected = "text without NUL characters"
     if in_key:
         expected += " (map key)"
     return InvalidField(f"invalid field {path}: {expected}", field=path, expected=expected)

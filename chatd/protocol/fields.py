@@ -38,13 +38,16 @@ UserId = Annotated[
 RoomId = Annotated[int, Meta(gt=0, le=INT64_MAX)]
 Seq = Annotated[int, Meta(ge=0, le=INT64_MAX)]  # a position; 0 = "before the first event"
 EventSeq = Annotated[int, Meta(ge=1, le=INT64_MAX)]  # names an existing event
-ClientId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
+# Text that is stored: PostgreSQL text cannot hold NUL, so it is refused here, by name,
+# instead of failing the statement (and with it every other send of its batch).
+NO_NUL = r"\A[^\x00]*\Z"
+ClientId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=NO_NUL)]
 Token = Annotated[str, Meta(min_length=1, max_length=MAX_TOKEN_CHARS)]
-ClientInfo = Annotated[str, Meta(max_length=MAX_CLIENT_INFO_CHARS)]
-Title = Annotated[str, Meta(min_length=1, max_length=MAX_TITLE_CHARS)]
-Body = Annotated[str, Meta(min_length=1, max_length=MAX_BODY_CHARS_CEILING)]
+ClientInfo = Annotated[str, Meta(max_length=MAX_CLIENT_INFO_CHARS, pattern=NO_NUL)]
+Title = Annotated[str, Meta(min_length=1, max_length=MAX_TITLE_CHARS, pattern=NO_NUL)]
+Body = Annotated[str, Meta(min_length=1, max_length=MAX_BODY_CHARS_CEILING, pattern=NO_NUL)]
 # The limit is on UTF-8 bytes: codec.check_limits enforces it (Meta counts code points).
-Emoji = Annotated[str, Meta(min_length=1)]
+Emoji = Annotated[str, Meta(min_length=1, pattern=NO_NUL)]
 PageLimit = Annotated[int, Meta(ge=1, le=INT64_MAX)]
 
 Role = Literal["owner", "admin", "member"]

@@ -33,6 +33,7 @@ from chatd.protocol.fields import (  # noqa: F401 - re-exported: messages is the
     MAX_CREATE_MEMBERS,
     MAX_PRESENCE_USER_IDS,
     MAX_SYNC_ROOMS,
+    NO_NUL,
     RequestId,
     UserId,
     RoomId,

@@ -139,6 +139,28 @@ async def test_bad_frames_get_errors_and_the_connection_stays_open(chatd_server)
         await still_works(b, a, rid)
 
 
+async def test_nul_in_stored_text_is_refused_by_field_and_the_batch_beside_it_commits(chatd_server):
+    # PostgreSQL text cannot hold NUL: were it let through, the statement would fail
+    # for every send batched with it.
+    async with clients(chatd_server, "alice", "bob") as (a, b):
+        rid = (await group(a, ["bob"]))["room_id"]
+        bob_send = await b.send("send", room_id=rid, client_msg_id=cid(), body="fine")
+        bad_send = await a.send("send", room_id=rid, client_msg_id=cid(), body="nul\x00byte")
+        e = await a.reply(bad_send)
+        assert e["type"] == "error" and e["code"] == "invalid_field"
+        assert e["details"] == {"field": "$.body", "expected": "text without NUL characters"}
+        ok = await b.reply(bob_send)
+        assert ok["type"] == "result" and ok["seq"] > 0
+        for command, fields, field in (
+            ("send", {"room_id": rid, "client_msg_id": "a\x00b", "body": "x"}, "$.client_msg_id"),
+            ("update_room", {"room_id": rid, "title": "t\x00", "client_id": cid()}, "$.title"),
+            ("react", {"room_id": rid, "seq": ok["seq"], "emoji": "\x00", "client_id": cid()}, "$.emoji"),
+        ):
+            e = await a.error(command, **fields)
+            assert e["code"] == "invalid_field" and e["details"]["field"] == field
+        await still_works(a, b, rid)
+
+
 async def test_text_frame_after_welcome_closes_1003_only_that_connection(chatd_server):
     async with clients(chatd_server, "alice", "bob") as (a, b):
         room = await group(a, ["bob"])
