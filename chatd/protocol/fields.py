@@ -38,7 +38,7 @@ UserId = Annotated[
 RoomId = Annotated[int, Meta(gt=0, le=INT64_MAX)]
 Seq = Annotated[int, Meta(ge=0, le=INT64_MAX)]  # a position; 0 = "before the first event"
 EventSeq = Annotated[int, Meta(ge=1, le=INT64_MAX)]  # names an existing event
-# Text that is stored: PostgreSQL text cannot hold NUL, so it is refused here, by name,
+# Text that is stored or logged: PostgreSQL text cannot hold NUL, so it is refused here, by name,
 # instead of failing the statement (and with it every other send of its batch).
 NO_NUL = r"\A[^\x00]*\Z"
 ClientId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=NO_NUL)]
