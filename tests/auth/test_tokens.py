@@ -109,6 +109,51 @@ async def test_malformed_tokens_are_unauthorized(token):
     assert error.status == 401 and error.code == "unauthorized"
 
 
+def hs256(signing_input: bytes, secret: str = SECRET) -> bytes:
+    return hmac.new(secret.encode(), signing_input, hashlib.sha256).digest()
+
+
+async def test_hs256_tokens_made_by_pyjwt_with_extra_header_fields_verify():
+    with trio.fail_after(5):
+        token = jwt.encode(claims(), SECRET, algorithm="HS256", headers={"kid": "k1", "cty": "x"})
+        assert (await hs_verifier().verify(token)).user_id == "alice"
+        made = hand_made({"alg": "HS256", "typ": "JWT"}, claims(sub="bob"), hs256)
+        assert (await hs_verifier().verify(made)).user_id == "bob"
+
+
+async def test_any_edit_of_a_signed_hs256_token_is_refused():
+    with trio.fail_after(5):
+        verifier = hs_verifier()
+        good = hand_made({"alg": "HS256"}, claims(), hs256)
+        header, payload, signature = good.split(".")
+        other_payload = b64(json.dumps(claims(sub="mallory")).encode())
+        await rejected(verifier, f"{header}.{other_payload}.{signature}", "signature is invalid")
+        flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
+        await rejected(verifier, f"{header}.{payload}.{flipped}", "signature is invalid")
+        await rejected(verifier, f"{header}.{payload}.", "signature is invalid")
+        await rejected(verifier, f"{header}.{payload}.{signature}x", "malformed|signature is invalid")
+        for junk in (f"{header}.{payload}.{signature}=!", f"{header}.{payload}+.{signature}", f"{header}.{payload}.{signature}.{signature}",
+                     f"{header}.{payload}.é{signature}", f" {good}"):
+            await rejected(verifier, junk, "malformed")
+        assert (await verifier.verify(good)).user_id == "alice"
+
+
+async def test_hs256_payload_must_be_a_json_object_even_when_signed():
+    with trio.fail_after(5):
+        header = b64(json.dumps({"alg": "HS256"}).encode())
+        for body in (b"[1, 2]", b"not json", b"\xff\xfe"):
+            signing_input = f"{header}.{b64(body)}"
+            token = f"{signing_input}.{b64(hs256(signing_input.encode()))}"
+            await rejected(hs_verifier(), token, "malformed")
+
+
+@pytest.mark.parametrize("aud", [42, {"chatd": 1}, ["other"], [], None])
+async def test_audience_claims_of_other_shapes_are_not_accepted(aud):
+    with trio.fail_after(5):
+        token = hand_made({"alg": "HS256"}, claims(aud=aud), hs256)
+        await rejected(hs_verifier(audience="chatd"), token, "audience")
+
+
 async def test_alg_none_is_never_accepted():
     with trio.fail_after(5):
         for alg in ("none", "None", "NONE"):
