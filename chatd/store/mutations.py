@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
+import msgspec
 import structlog
 from psycopg import errors as pgerr
 
@@ -194,9 +195,9 @@ class Send(Mutation):
 # violation): the writer retries the batch, which then finds it as a duplicate.
 _SEND_SQL = """
 WITH t AS (
-    SELECT * FROM unnest(%(ord)s::int[], %(room)s::bigint[], %(user)s::text[], %(body)s::text[],
-                         %(reply)s::bigint[], %(cid)s::text[])
-        AS t(ord, room_id, user_id, body, reply_to, client_id)),
+    SELECT (e->>0)::int AS ord, (e->>1)::bigint AS room_id, e->>2 AS user_id, e->>3 AS body,
+           (e->>4)::bigint AS reply_to, e->>5 AS client_id
+    FROM jsonb_array_elements(%s::jsonb) AS e),
 looked_up AS MATERIALIZED (
     SELECT t.*,
            (SELECT i.result FROM idempotency i WHERE i.user_id = t.user_id AND i.client_id = t.client_id) AS previous,
@@ -208,17 +209,19 @@ checked AS (
                SELECT 1 FROM events e WHERE e.room_id = l.room_id AND e.seq = l.reply_to AND e.kind = 'message'))) AS ok
     FROM looked_up l),
 counts AS (
-    SELECT room_id, count(*)::int AS n, array_agg(ord ORDER BY ord) AS ords FROM checked WHERE ok GROUP BY room_id),
+    SELECT room_id, count(*)::int AS n, array_agg(ord ORDER BY ord) AS ords,
+           array_agg(user_id ORDER BY ord) AS users, array_agg(body ORDER BY ord) AS bodies,
+           array_agg(reply_to ORDER BY ord) AS replies, array_agg(client_id ORDER BY ord) AS cids
+    FROM checked WHERE ok GROUP BY room_id),
 locked AS (
-    SELECT r.id, c.n, c.ords FROM counts c JOIN rooms r ON r.id = c.room_id ORDER BY r.id FOR UPDATE OF r),
+    SELECT r.id, c.* FROM counts c JOIN rooms r ON r.id = c.room_id ORDER BY r.id FOR UPDATE OF r),
 bumped AS (
     UPDATE rooms r SET last_seq = r.last_seq + l.n FROM locked l WHERE r.id = l.id
-    RETURNING r.id, r.last_seq - l.n AS base, l.ords),
+    RETURNING r.id, r.last_seq - l.n AS base, l.ords, l.users, l.bodies, l.replies, l.cids),
 numbered AS (
-    SELECT b.id AS room_id, b.base + o.k AS seq, o.ord,
-           (%(user)s::text[])[o.ord + 1] AS user_id, (%(body)s::text[])[o.ord + 1] AS body,
-           (%(reply)s::bigint[])[o.ord + 1] AS reply_to, (%(cid)s::text[])[o.ord + 1] AS client_id
-    FROM bumped b, unnest(b.ords) WITH ORDINALITY AS o(ord, k)),
+    SELECT b.id AS room_id, b.base + o.k AS seq, o.ord, o.user_id, o.body, o.reply_to, o.client_id
+    FROM bumped b, unnest(b.ords, b.users, b.bodies, b.replies, b.cids) WITH ORDINALITY
+        AS o(ord, user_id, body, reply_to, client_id, k)),
 ev AS (
     INSERT INTO events (room_id, seq, kind, sender, body, data, created_at)
     SELECT room_id, seq, 'message', user_id, body,
@@ -232,6 +235,9 @@ SELECT ord, NULL::jsonb AS previous, true AS member, seq, extract(epoch FROM now
 UNION ALL
 SELECT ord, previous, joined_seq IS NOT NULL, NULL, NULL FROM checked WHERE NOT ok
 """
+
+
+_json_rows = msgspec.json.Encoder().encode
 
 
 async def send_batch(tx: Tx, sends: list[Send]) -> list[tuple[Any, errors.ChatdError | None]]:
@@ -248,14 +254,11 @@ async def send_batch(tx: Tx, sends: list[Send]) -> list[tuple[Any, errors.ChatdE
             first_in_batch[key] = i
             fresh.append(i)
     try:
-        rows = await tx.fetchall(_SEND_SQL, {
-            "ord": list(range(len(fresh))),
-            "room": [sends[i].room_id for i in fresh],
-            "user": [sends[i].user_id for i in fresh],
-            "body": [sends[i].body for i in fresh],
-            "reply": [sends[i].reply_to for i in fresh],
-            "cid": [sends[i].client_id for i in fresh],
-        })
+        # One JSON document, encoded in C and parsed by PostgreSQL: psycopg adapts
+        # list parameters element by element in Python.
+        rows = await tx.fetchall(_SEND_SQL, (_json_rows(
+            [(k, s.room_id, s.user_id, s.body, s.reply_to, s.client_id) for k, s in enumerate(sends[i] for i in fresh)]
+        ).decode(),))
     except pgerr.UniqueViolation as exc:
         if exc.diag.table_name != "idempotency":
             raise
