@@ -9,7 +9,6 @@ when ``server.shutdown_grace`` runs out.
 
 from __future__ import annotations
 
-import gc
 import signal
 from typing import Any
 
@@ -18,6 +17,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 import chatd
+from chatd import collector
 from chatd.config import Config
 from chatd.observe import ChatdCollector, GcPauses, metrics_text
 from chatd.store.database import open_database
@@ -71,50 +71,6 @@ async def _watch_signals(server: Server) -> None:
             return
 
 
-_YOUNG_PASSES_PER_GEN1 = 3  # CPython's default is 10
-
-
-async def _manage_gc(freeze_interval: float, full_interval: float) -> None:
-    """Keep long-lived objects out of the cyclic collector's way.
-
-    CPython's full collection walks every tracked object; with tens of thousands of
-    connections that stalls the loop for around a second (DESIGN.md §8). Objects
-    that survived the young collections are moved to the permanent generation with
-    gc.freeze() (O(1)), so full collections only walk what is new. Garbage cycles
-    that were frozen are reclaimed by a rare full pass over everything.
-
-    A young pass costs in proportion to what is young, and under load that is set by
-    time, not by CPython's counters: every frozen object that dies (a finished request)
-    takes one off the generation-0 count, so the automatic passes come late and large.
-    Hence the short interval, and generation 1 collected after 3 young passes instead
-    of 10 (docs/decisions.md "GC"). Both were measured with `chatd bench dm` at and
-    over capacity: the longest pause went from 26.6 to 3.1 ms of CPU.
-    """
-    gc.collect()
-    gc.freeze()
-    threshold = gc.get_threshold()
-    gc.set_threshold(threshold[0], _YOUNG_PASSES_PER_GEN1, threshold[2])
-    try:
-        await _freeze_young(freeze_interval, full_interval)
-    finally:
-        gc.set_threshold(*threshold)
-
-
-async def _freeze_young(freeze_interval: float, full_interval: float) -> None:
-    if freeze_interval <= 0:
-        await trio.sleep_forever()
-    last_full = trio.current_time()
-    while True:
-        await trio.sleep(freeze_interval)
-        if full_interval and trio.current_time() - last_full >= full_interval:
-            gc.unfreeze()
-            gc.collect()
-            last_full = trio.current_time()
-        else:
-            gc.collect(1)
-        gc.freeze()
-
-
 async def serve(config: Config, *, install_signal_handlers: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run chatd until a stop signal (or ``Server.request_stop``); drains on the way out.
 
@@ -148,7 +104,7 @@ async def serve(config: Config, *, install_signal_handlers: bool = True, task_st
                 server.ws_port = listener.port
                 server.ws_url = listener.url
                 server.gc_pauses.install()
-                nursery.start_soon(_manage_gc, config.server.gc_freeze_interval, config.server.gc_full_interval)
+                nursery.start_soon(collector.manage, config.server.gc_freeze_interval, config.server.gc_full_interval)
                 log.info(
                     "chatd.ready",
                     version=chatd.__version__,

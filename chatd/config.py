@@ -115,7 +115,7 @@ class LogConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     shutdown_grace: float = _f(10.0, "Seconds SIGTERM/SIGINT allow for draining before everything is cancelled.", min=0.1, max=600)
-    gc_freeze_interval: float = _f(0.02, "Seconds between passes that collect the young generations and gc.freeze() what survived, so full collections never walk long-lived connection state (0 = only at start).", min=0, max=3600)
+    gc_freeze_interval: float = _f(0.02, "Seconds between passes that collect the young generations and gc.freeze() what survived, so full collections never walk long-lived connection state; a pass also runs after every 256 commands (0 = freeze only at start, no passes).", min=0, max=3600)
     gc_full_interval: float = _f(3600.0, "Seconds between full collections of everything, frozen objects included, which reclaim garbage cycles that were frozen (0 = never). One such pause grows with the number of live objects.", min=0, max=7 * 86400)
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from chatd import errors
+from chatd import collector, errors
 from chatd.protocol import codec
 from chatd.protocol import messages as m
 from chatd.protocol.closecodes import CloseCode, handshake_close_code
@@ -155,8 +155,10 @@ async def _read_commands(conn: WebSocketConnection, service: Service, session, c
     decode = service.decoder.decode
     handlers = commands.HANDLERS
     async_handlers = commands.ASYNC_HANDLERS
+    command_done = collector.command_done
     while True:
         opcode, payload = await conn.receive()
+        command_done()
         if opcode == OP_TEXT:
             await conn.close(CloseCode.UNSUPPORTED_DATA, "binary MessagePack frames only")
             return
