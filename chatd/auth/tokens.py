@@ -34,6 +34,7 @@ from chatd.config import AuthConfig
 from chatd.errors import ConfigError, InvalidField, TokenExpired, Unauthorized, Unavailable
 
 USER_ID = re.compile(r"[A-Za-z0-9_.@:-]{1,64}")
+_B64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 MAX_TOKEN_CHARS = 8192
 MIN_RSA_BITS = 2048
 
@@ -67,6 +68,7 @@ class TokenVerifier:
         self._algorithms = {alg for alg, _ in self._file_keys}
         if self._jwks is not None:
             self._algorithms |= ASYMMETRIC_ALGORITHMS
+        self._hs256_key = config.hs256_secret.encode()
         if config.hs256_secret:
             self._algorithms.add("HS256")
         if not self._algorithms:
@@ -113,7 +115,7 @@ class TokenVerifier:
         claims, given = _json_object(payload), _b64url(signature)  # malformed before forged, as PyJWT
         if claims is None:
             raise Unauthorized("malformed token")
-        expected = hmac.digest(self._config.hs256_secret.encode(), signing_input.encode("ascii"), "sha256")
+        expected = hmac.digest(self._hs256_key, signing_input.encode("ascii"), "sha256")
         if not hmac.compare_digest(expected, given):
             raise Unauthorized("token signature is invalid")
         return claims
@@ -161,7 +163,7 @@ class TokenVerifier:
             accepted = claims["aud"]
             if isinstance(accepted, str):
                 accepted = [accepted]
-            if not isinstance(accepted, list) or audience not in accepted:
+            if not isinstance(accepted, list) or not all(isinstance(a, str) for a in accepted) or audience not in accepted:
                 raise Unauthorized("token audience (aud) is not accepted")
         if issuer:
             if "iss" not in claims:
@@ -199,10 +201,12 @@ def _segments(token: str) -> tuple[str, dict[str, Any], str, str]:
 
 
 def _b64url(segment: str) -> bytes:
-    """base64url without padding (RFC 7515 §2), strictly: any other character is malformed."""
+    """base64url (RFC 7515 §2); its alphabet only, padding tolerated as PyJWT did."""
+    if not _B64URL.fullmatch(segment):
+        raise Unauthorized("malformed token")
     try:
-        return base64.b64decode(segment + "=" * (-len(segment) % 4), altchars=b"-_", validate=True)
-    except ValueError:  # binascii.Error, or a non-ASCII character
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except ValueError:  # binascii.Error: a length no encoding has
         raise Unauthorized("malformed token") from None
 
 

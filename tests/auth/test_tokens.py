@@ -132,8 +132,9 @@ async def test_any_edit_of_a_signed_hs256_token_is_refused():
         await rejected(verifier, f"{header}.{payload}.{flipped}", "signature is invalid")
         await rejected(verifier, f"{header}.{payload}.", "signature is invalid")
         await rejected(verifier, f"{header}.{payload}.{signature}x", "malformed|signature is invalid")
+        standard_alphabet = signature.replace("-", "+").replace("_", "/")
         for junk in (f"{header}.{payload}.{signature}=!", f"{header}.{payload}+.{signature}", f"{header}.{payload}.{signature}.{signature}",
-                     f"{header}.{payload}.é{signature}", f" {good}"):
+                     f"{header}.{payload}.é{signature}", f" {good}", f"{header}.{payload}.{standard_alphabet}+/"):
             await rejected(verifier, junk, "malformed")
         assert (await verifier.verify(good)).user_id == "alice"
 
@@ -147,7 +148,7 @@ async def test_hs256_payload_must_be_a_json_object_even_when_signed():
             await rejected(hs_verifier(), token, "malformed")
 
 
-@pytest.mark.parametrize("aud", [42, {"chatd": 1}, ["other"], [], None])
+@pytest.mark.parametrize("aud", [42, {"chatd": 1}, ["other"], [], None, ["chatd", 7]])
 async def test_audience_claims_of_other_shapes_are_not_accepted(aud):
     with trio.fail_after(5):
         token = hand_made({"alg": "HS256"}, claims(aud=aud), hs256)
