@@ -209,6 +209,35 @@ async def test_duplicate_ids_inside_one_batch_create_one_message(pool):
     assert len(seqs) == 1 and sum(1 for r in results if r[0]["duplicate"]) == 2
 
 
+AWKWARD_TEXT = [
+    'quote " and backslash \\ and \\" together',
+    '{"seq": 1, "at": 2}',  # looks like the batch document's own JSON
+    "tab\tnewline\ncr\r line separator \u2028 paragraph \u2029",
+    "non-BMP 👍🏽 𝄞 and combining e\u0301",
+    "NULL",
+    "x" * 4000,
+]
+
+
+async def test_awkward_text_travels_through_one_batch_exactly(pool):
+    room = await _setup_room(pool)
+    other = await _setup_room(pool, owner="bob", members=("alice",), client_id="create-2")
+    sends = [
+        mu.Send(user_id="alice" if i % 2 else "bob", client_id=f'id "{i}" \\ 👍', room_id=(room, other)[i % 2], body=body,
+                reply_to=None)
+        for i, body in enumerate(AWKWARD_TEXT)
+    ]
+    results, published = await _run_writer(pool, lambda writer: _submit_all(writer, sends))
+    assert all(error is None for _, error in results)
+    rows = await pool.fetch(
+        "SELECT e.room_id, e.sender, e.body, i.client_id FROM events e JOIN idempotency i"
+        " ON i.user_id = e.sender AND (i.result->>'seq')::bigint = e.seq"
+        " WHERE e.kind = 'message' AND e.room_id = ANY(%s)", ([room, other],))
+    stored = {(r["room_id"], r["sender"], r["body"], r["client_id"]) for r in rows}
+    assert stored == {(s.room_id, s.user_id, s.body, s.client_id) for s in sends}
+    assert sorted(e.data["body"] for e in published if e.kind == "message") == sorted(AWKWARD_TEXT)
+
+
 async def test_non_member_send_is_not_found_and_others_in_batch_commit(pool):
     room = await _setup_room(pool)
     results = {}
