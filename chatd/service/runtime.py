@@ -24,6 +24,7 @@ from chatd.registry.presence import Presence
 from chatd.registry.rooms import Rooms
 from chatd.registry.sessions import Session
 from chatd.registry.typing import Typing
+from chatd.service.hellos import HelloReads
 from chatd.store import reads
 from chatd.store.pool import Pool
 from chatd.store.writer import Writer
@@ -82,6 +83,9 @@ class Service:
             publish=self.publish,
             pipeline=config.writer.pipeline,
         )
+        # Hellos that arrive together share one read (a reconnect storm is one statement
+        # per batch, not per connection).
+        self.hellos = HelloReads(pool)
         self.sessions: set[Session] = set()
         self.draining = False
         self.nursery: trio.Nursery | None = None
@@ -114,7 +118,7 @@ class Service:
         """
         user_id = identity.user_id
         generation = self.rooms.generation
-        disabled, summaries = await reads.hello(self.pool, user_id)
+        disabled, summaries = await self.hellos.read(user_id)
         if disabled:
             raise errors.Forbidden("this account is disabled")
         session = Session(user_id, outbox, device=hello.device or "", expires_at=identity.expires_at)
@@ -184,6 +188,7 @@ async def open_service(config: Config, pool: Pool) -> AsyncIterator[Service]:
         async with trio.open_nursery() as nursery:
             service.nursery = nursery
             await nursery.start(service.writer.serve)
+            await nursery.start(service.hellos.serve)
             await nursery.start(service.presence.serve)
             await nursery.start(service.typing.serve)
             yield service

@@ -49,14 +49,16 @@ _SUMMARIES_SQL = f"""
     ORDER BY r.id
 """
 
-# Everything hello needs in one round trip: the user row is created on first sight
-# (the token issuer is the authority on users; DO NOTHING writes nothing for a known
-# user, so a connect is no commit), then one row per current room, or a single row
-# with a NULL room_id for a user in no room.
-_HELLO_SQL = (
-    "WITH seen AS (INSERT INTO users (id) VALUES (%(user)s) ON CONFLICT (id) DO NOTHING)"
-    " SELECT coalesce((SELECT disabled FROM users WHERE id = %(user)s), false) AS disabled, s.*"
-    " FROM (SELECT 1) one LEFT JOIN LATERAL (" + _SUMMARIES_SQL.format(only="") + ") s ON true"
+# Everything hello needs, for every connection saying hello at once, in one round trip:
+# the user rows are created on first sight (the token issuer is the authority on users;
+# DO NOTHING writes nothing for a known user, so a known user's connect is no commit),
+# then one row per user and current room, or a single row with a NULL room_id for a user
+# in no room. Ids are inserted in sorted order, so two of these never deadlock.
+_HELLOS_SQL = (
+    "WITH u AS (SELECT DISTINCT id FROM unnest(%(users)s::text[]) AS u(id)),"
+    " seen AS (INSERT INTO users (id) SELECT id FROM u ORDER BY id ON CONFLICT (id) DO NOTHING)"
+    " SELECT u.id AS hello_user, coalesce((SELECT disabled FROM users WHERE users.id = u.id), false) AS disabled, s.*"
+    " FROM u LEFT JOIN LATERAL (" + _SUMMARIES_SQL.format(only="").replace("%(user)s", "u.id") + ") s ON true"
 )
 
 
@@ -67,15 +69,17 @@ def _summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-async def hello(pool: Pool, user_id: str) -> tuple[bool, list[dict[str, Any]]]:
-    """(disabled, room summaries) of ``user_id``, creating the user row on first sight."""
-    rows = await pool.fetch(_HELLO_SQL, {"user": user_id})
-    disabled = rows[0].pop("disabled")
-    for row in rows[1:]:
-        del row["disabled"]
-    if rows[0]["room_id"] is None:
-        return disabled, []
-    return disabled, _summary_rows(rows)
+async def hellos(pool: Pool, user_ids: list[str]) -> dict[str, tuple[bool, list[dict[str, Any]]]]:
+    """(disabled, room summaries) of each of ``user_ids``, creating user rows on first sight."""
+    found: dict[str, tuple[bool, list[dict[str, Any]]]] = {}
+    for row in await pool.fetch(_HELLOS_SQL, {"users": user_ids}):
+        user_id, disabled = row.pop("hello_user"), row.pop("disabled")
+        rooms = found.setdefault(user_id, (disabled, []))[1]
+        if row["room_id"] is not None:
+            rooms.append(row)
+    for _, rooms in found.values():
+        _summary_rows(rooms)
+    return found
 
 
 async def room_summaries(pool: Pool, user_id: str, room_ids: list[int] | None = None) -> list[dict[str, Any]]:
