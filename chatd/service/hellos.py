@@ -41,8 +41,8 @@ class HelloReads:
         self.max_batch = max_batch
         self.in_flight = in_flight
         self._send, self._receive = trio.open_memory_channel[_Waiter](queue_size)
-        self.reads = 0  # statements run
-        self.hellos = 0  # hellos answered by them
+        self.statements = 0  # reads run
+        self.answered = 0  # hellos answered by them
 
     async def read(self, user_id: str) -> Summaries:
         """(disabled, room summaries) of ``user_id``; the user row exists afterwards.
@@ -88,16 +88,6 @@ class HelloReads:
     async def _read(self, batch: list[_Waiter], slots: trio.Semaphore) -> None:
         try:
             found = await reads.hellos(self.pool, sorted({w.user_id for w in batch}))
-        except errors.ChatdError as exc:
-            for waiter in batch:
-                waiter.error = exc
-        except Exception:  # a bug: answer every waiter, keep serving
-            log.exception("hello.read_crashed", size=len(batch))
-            for waiter in batch:
-                waiter.error = errors.Internal("internal error")
-        else:
-            self.reads += 1
-            self.hellos += len(batch)
             given: set[str] = set()
             for waiter in batch:
                 disabled, rooms = found[waiter.user_id]
@@ -105,6 +95,15 @@ class HelloReads:
                     rooms = [dict(row) for row in rooms]
                 given.add(waiter.user_id)
                 waiter.result = (disabled, rooms)
+            self.statements += 1
+            self.answered += len(batch)
+        except errors.ChatdError as exc:
+            for waiter in batch:
+                waiter.result, waiter.error = None, exc
+        except Exception:  # a bug: answer every waiter, keep serving
+            log.exception("hello.read_crashed", size=len(batch))
+            for waiter in batch:
+                waiter.result, waiter.error = None, errors.Internal("internal error")
         finally:  # also when cancelled: nobody is left waiting
             slots.release()
             for waiter in batch:

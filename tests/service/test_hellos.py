@@ -46,7 +46,7 @@ async def test_hellos_at_once_share_reads_and_each_gets_its_own_rooms(pool):
             got = dict(zip(asked, await _read_all(hellos, asked)))
             results = await _read_all(hellos, ["h-member", "h-member"])
         nursery.cancel_scope.cancel()
-    assert hellos.hellos == len(asked) + 2 and hellos.reads < len(asked), "hellos were not shared"
+    assert hellos.answered == len(asked) + 2 and hellos.statements < len(asked), "hellos were not shared"
     assert all(got[u] == (False, []) for u in new_users)
     assert got["h-off"][0] is True
     for user_id, role in (("h-owner", "owner"), ("h-member", "member")):
@@ -98,3 +98,22 @@ async def test_reads_after_the_service_stopped_fail_instead_of_hanging(pool):
         nursery.cancel_scope.cancel()
     with trio.fail_after(2), pytest.raises(errors.Unavailable):
         await hellos.read("h-late")
+
+
+async def test_a_bug_in_a_read_answers_internal_and_the_reads_go_on(pool, monkeypatch):
+    real = reads.hellos
+    calls = []
+
+    async def forgetful_once(pool_, user_ids):
+        calls.append(user_ids)
+        return {} if len(calls) == 1 else await real(pool_, user_ids)  # a result missing its user
+
+    monkeypatch.setattr(reads, "hellos", forgetful_once)
+    hellos = HelloReads(pool)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hellos.serve)
+            with pytest.raises(errors.Internal):
+                await hellos.read("h-b1")
+            assert await hellos.read("h-b2") == (False, [])
+            nursery.cancel_scope.cancel()
