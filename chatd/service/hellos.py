@@ -9,6 +9,7 @@ to ``in_flight`` reads at once; a lone hello is read at once, as before.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import structlog
@@ -17,6 +18,7 @@ import trio
 from chatd import errors
 from chatd.store import reads
 from chatd.store.pool import Pool
+from chatd.store.queueing import offer, take_ready
 
 log = structlog.get_logger("chatd.service")
 
@@ -51,12 +53,7 @@ class HelloReads:
         errors.Unavailable when too many hellos are waiting or the service is stopping.
         """
         waiter = _Waiter(user_id)
-        try:
-            self._send.send_nowait(waiter)
-        except trio.WouldBlock:
-            raise errors.Unavailable("server busy: too many connections saying hello", retry_after=1.0) from None
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise errors.Unavailable("server is shutting down", retry_after=1.0) from None
+        offer(self._send, waiter, busy="server busy: too many connections saying hello", retry_after=1.0)
         await waiter.done.wait()
         if waiter.result is None:
             raise _again(waiter.error or errors.Unavailable("server is shutting down", retry_after=1.0))
@@ -70,19 +67,10 @@ class HelloReads:
                 while True:
                     first = await self._receive.receive()
                     await slots.acquire()  # what queues meanwhile joins this read
-                    batch = [first]
-                    while len(batch) < self.max_batch:
-                        try:
-                            batch.append(self._receive.receive_nowait())
-                        except trio.WouldBlock:
-                            break
-                    nursery.start_soon(self._read, batch, slots)
+                    nursery.start_soon(self._read, take_ready(self._receive, [first], self.max_batch), slots)
         finally:  # stopping: whoever still waits is told so, later reads fail at once
-            while True:
-                try:
-                    self._receive.receive_nowait().done.set()
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
+            for waiter in take_ready(self._receive, [], math.inf):
+                waiter.done.set()
             self._receive.close()
 
     async def _read(self, batch: list[_Waiter], slots: trio.Semaphore) -> None:

@@ -37,6 +37,7 @@ from chatd import errors
 from chatd.domain.model import RoomEvent
 from chatd.store.mutations import Mutation, Send, Tx, send_batch
 from chatd.store.pool import Pool
+from chatd.store.queueing import offer, take_ready
 
 log = structlog.get_logger("chatd.writer")
 
@@ -77,12 +78,7 @@ class Writer:
 
         Never blocks. Raises errors.Unavailable when the queue is full or closed.
         """
-        try:
-            self._send.send_nowait(mutation)
-        except trio.WouldBlock:
-            raise errors.Unavailable("server busy: too many pending writes", retry_after=0.5) from None
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise errors.Unavailable("server is shutting down", retry_after=1.0) from None
+        offer(self._send, mutation, busy="server busy: too many pending writes", retry_after=0.5)
         self._outstanding += 1
         if self._idle.is_set():
             self._idle = trio.Event()
@@ -130,12 +126,7 @@ class Writer:
                     break
                 await slots.acquire()
                 await ended.wait()
-                batch = [first]
-                while len(batch) < self.max_batch:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+                batch = take_ready(receive, [first], self.max_batch)
                 before_answered, ended, answered = answered, trio.Event(), trio.Event()
                 nursery.start_soon(self._run, batch, before_answered, ended, answered, slots)
             await answered.wait()
