@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,10 +25,15 @@ from tests.conftest import SECRET, token
 pytestmark = pytest.mark.slow
 
 
-def _state_dir() -> Path:
+@pytest.fixture
+def state():
+    """A state directory for one `chatd serve`, removed afterwards (its database is ~90 MB)."""
     path = Path(tempfile.mkdtemp(prefix="chatd-serve-"))
     path.chmod(0o755)  # the embedded PostgreSQL may run as nobody
-    return path
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_config(state: Path, **extra: str) -> Path:
@@ -107,8 +113,7 @@ async def _hello(ws_url: str, user: str) -> dict:
             return msgpack.unpackb(await ws.get_message(), strict_map_key=False)
 
 
-async def test_serve_starts_answers_and_stops_cleanly_on_sigterm():
-    state = _state_dir()
+async def test_serve_starts_answers_and_stops_cleanly_on_sigterm(state):
     server = Serve(_write_config(state))
     try:
         ready = await trio.to_thread.run_sync(server.wait_for, "chatd.ready")
@@ -130,8 +135,7 @@ async def test_serve_starts_answers_and_stops_cleanly_on_sigterm():
         server.stop(signal.SIGKILL)
 
 
-async def test_config_error_exits_2_before_binding_anything():
-    state = _state_dir()
+async def test_config_error_exits_2_before_binding_anything(state):
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
@@ -146,8 +150,7 @@ async def test_config_error_exits_2_before_binding_anything():
     assert not (state / "state").exists(), "the database was started despite the config error"
 
 
-async def test_port_in_use_is_a_clear_startup_error():
-    state = _state_dir()
+async def test_port_in_use_is_a_clear_startup_error(state):
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen()
@@ -164,8 +167,7 @@ async def test_port_in_use_is_a_clear_startup_error():
         holder.close()
 
 
-async def test_restart_after_a_crash_reuses_data_and_leaves_no_orphan():
-    state = _state_dir()
+async def test_restart_after_a_crash_reuses_data_and_leaves_no_orphan(state):
     config = _write_config(state)
     first = Serve(config)
     try:
@@ -185,8 +187,7 @@ async def test_restart_after_a_crash_reuses_data_and_leaves_no_orphan():
         second.stop(signal.SIGKILL)
 
 
-async def test_migrate_command_reports_the_schema_version():
-    state = _state_dir()
+async def test_migrate_command_reports_the_schema_version(state):
     config = _write_config(state)
     run = await trio.to_thread.run_sync(
         lambda: subprocess.run([sys.executable, "-m", "chatd", "migrate", "--config", str(config)], capture_output=True, text=True, timeout=120)
@@ -199,11 +200,10 @@ async def test_migrate_command_reports_the_schema_version():
     assert "schema at version 1 (0 applied now)" in again.stdout
 
 
-async def test_token_issue_mints_a_token_the_server_accepts(tmp_path):
+async def test_token_issue_mints_a_token_the_server_accepts(state):
     from chatd.auth.tokens import TokenVerifier
     from chatd.config import load
 
-    state = _state_dir()
     config = _write_config(state)
     run = await trio.to_thread.run_sync(
         lambda: subprocess.run([sys.executable, "-m", "chatd", "token", "issue", "--user", "carol", "--ttl", "120", "--config", str(config)],
