@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -28,7 +29,12 @@ log = structlog.get_logger("chatd.ws")
 
 # Out of descriptors or memory: the listener waits and tries again (as trio's does).
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# A connection that failed between the handshake and accept(): skip it.
+_ACCEPT_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPERM, errno.EPROTO})
 ACCEPT_RETRY = 0.1
+# Connections taken from the backlog per wake-up: trio's accept() yields after every
+# connection, which holds a connect storm to one accept per scheduler pass.
+ACCEPT_BATCH = 32
 
 
 def _resume_sync() -> str:
@@ -49,22 +55,32 @@ class Listener:
         # Made once: a closure per connection would be two more objects per socket.
         self._path_check = lambda path: path.split("?", 1)[0] == cfg.path
 
-    async def accept(self, sock: trio.SocketListener) -> None:
+    async def accept(self, sock: socket.socket) -> None:
         """Accept connections until cancelled, each into its own task of ``conn_nursery``.
 
-        Like trio.serve_listeners, but the task runs ``handle_connection`` itself,
-        without a wrapper coroutine that would stay on every connection's stack.
+        Like trio.serve_listeners, but up to :data:`ACCEPT_BATCH` connections per
+        wake-up (docs/decisions.md, "Accepting in batches"), and the task runs
+        ``handle_connection`` itself, without a wrapper coroutine that would stay on
+        every connection's stack.
         """
+        start = self.conn_nursery.start_soon
+        wrap = trio.socket.from_stdlib_socket
         while True:
-            try:
-                stream = await sock.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                log.error("ws.accept_failed", error=os.strerror(exc.errno), retry_in=ACCEPT_RETRY)
-                await trio.sleep(ACCEPT_RETRY)
-                continue
-            self.conn_nursery.start_soon(handle_connection, stream, self)
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    raw, _address = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_SKIP_ERRNOS:
+                        continue
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error("ws.accept_failed", error=os.strerror(exc.errno), retry_in=ACCEPT_RETRY)
+                    await trio.sleep(ACCEPT_RETRY)
+                    break
+                start(handle_connection, trio.SocketStream(wrap(raw)), self)
 
     async def upgrade(self, stream: trio.SocketStream) -> WebSocketConnection | None:
         """The WebSocket on an accepted stream, registered; None if the upgrade failed."""
@@ -113,25 +129,56 @@ def _held_writes(service: Service) -> Iterator[None]:
     service.rooms.slow_consumers += cork.refused
 
 
+async def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Non-blocking listening sockets on every address ``host`` resolves to (as
+    trio.open_tcp_listeners binds them)."""
+    addresses = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, type_, proto, _name, address in addresses:
+            sock = socket.socket(family, type_, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 async def serve_websocket(cfg: WebSocketConfig, service: Service, scope: trio.CancelScope | None = None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Listen on cfg.host:cfg.port; reports a :class:`Listener` to task_status.
 
     Raises errors.StartupError when the address cannot be bound.
     """
     try:
-        sockets = await trio.open_tcp_listeners(cfg.port, host=cfg.host, backlog=cfg.backlog)
+        sockets = await _listen(cfg.host, cfg.port, cfg.backlog)
     except OSError as exc:
         hint = " (port in use)" if exc.errno == errno.EADDRINUSE else ""
         raise errors.StartupError(f"cannot listen on {cfg.host}:{cfg.port}{hint}: {exc.strerror}") from None
-    port = sockets[0].socket.getsockname()[1]
+    port = sockets[0].getsockname()[1]
     listener = Listener(cfg, service, port)
     service.writer.hold = partial(_held_writes, service)
-    async with trio.open_nursery() as conn_nursery:
-        listener.conn_nursery = conn_nursery
-        task_status.started(listener)
-        with listener.accept_scope:
-            async with trio.open_nursery() as accepting:
-                for sock in sockets:
-                    accepting.start_soon(listener.accept, sock)
-        for sock in sockets:
-            await sock.aclose()
+    try:
+        async with trio.open_nursery() as conn_nursery:
+            listener.conn_nursery = conn_nursery
+            task_status.started(listener)
+            with listener.accept_scope:
+                async with trio.open_nursery() as accepting:
+                    for sock in sockets:
+                        accepting.start_soon(listener.accept, sock)
+            _close(sockets)
+    finally:
+        _close(sockets)
+
+
+def _close(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        if sock.fileno() != -1:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
