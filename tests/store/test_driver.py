@@ -65,6 +65,42 @@ async def test_cancel_inside_transaction_rolls_back(pool):
         assert await pool.fetch("SELECT count(*) AS n FROM t") == [{"n": 0}]
 
 
+async def test_a_caller_cancelled_before_its_statement_sends_nothing(pool):
+    await pool.execute("CREATE TABLE t (x int)")
+    async with pool.connection() as conn:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await conn.execute("INSERT INTO t VALUES (1)")  # autocommit: it would commit if sent
+        assert scope.cancelled_caught
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with pool.connection() as conn:
+            await conn.execute("INSERT INTO t VALUES (2)")
+    assert scope.cancelled_caught
+    assert await pool.fetch("SELECT count(*) AS n FROM t") == [{"n": 0}]
+    assert pool.in_use == 0
+
+
+async def test_one_connection_used_by_two_tasks_runs_their_statements_one_at_a_time(pool):
+    async with pool.connection() as conn:
+        spans = []
+
+        async def query(tag: int) -> None:
+            cur = await conn.execute(
+                "SELECT clock_timestamp() AS a, pg_sleep(0.2), clock_timestamp() AS b, %s::int AS tag", (tag,)
+            )
+            row = await cur.fetchone()
+            spans.append((row["a"], row["b"], row["tag"]))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(query, 1)
+                nursery.start_soon(query, 2)
+        (a1, b1, _), (a2, b2, _) = sorted(spans)
+        assert b1 <= a2, "the second statement started while the first ran"
+        assert sorted(tag for *_, tag in spans) == [1, 2]
+
+
 async def test_query_timeout_maps_to_timeout(pool):
     with trio.fail_after(10):
         with pytest.raises(errors.Timeout):
