@@ -6,6 +6,7 @@ and closed here; commands are dispatched by :mod:`chatd.service.commands`.
 
 from __future__ import annotations
 
+import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Sequence
@@ -25,6 +26,7 @@ from chatd.registry.rooms import Rooms
 from chatd.registry.sessions import Session
 from chatd.registry.typing import Typing
 from chatd.service.hellos import HelloReads
+from chatd.service.lastseen import LastSeenWrites
 from chatd.store import reads
 from chatd.store.pool import Pool
 from chatd.store.writer import Writer
@@ -86,6 +88,8 @@ class Service:
         # Hellos that arrive together share one read (a reconnect storm is one statement
         # per batch, not per connection).
         self.hellos = HelloReads(pool)
+        # A disconnect storm is one last_seen statement per batch, not a pooled write each.
+        self.last_seen = LastSeenWrites(pool, timeout=config.database.query_timeout)
         self.sessions: set[Session] = set()
         self.draining = False
         self.nursery: trio.Nursery | None = None
@@ -150,10 +154,8 @@ class Service:
         return session, welcome
 
     async def close_session(self, session: Session) -> None:
-        """Forget a session and end its typing; on the user's last one, persist last_seen.
-
-        Safe to call while cancelled: the database write is shielded and bounded.
-        """
+        """Forget a session and end its typing; on the user's last one, record last_seen
+        (written behind, see chatd/service/lastseen.py). Never waits."""
         if session not in self.sessions:
             return
         self.sessions.discard(session)
@@ -162,11 +164,7 @@ class Service:
         self.presence.unsubscribe(session)
         self.presence.recompute(session.user_id)
         if last:
-            with trio.CancelScope(shield=True), trio.move_on_after(self.config.database.query_timeout):
-                try:
-                    await self.pool.execute("UPDATE users SET last_seen = now() WHERE id = %s", (session.user_id,))
-                except errors.ChatdError as exc:
-                    log.warning("presence.last_seen_failed", user_id=session.user_id, error=exc.message)
+            self.last_seen.record(session.user_id, self.presence.last_seen.get(session.user_id) or time.time())
 
     async def drain(self) -> None:
         """Refuse new writes and wait until queued ones are committed and answered."""
@@ -189,6 +187,7 @@ async def open_service(config: Config, pool: Pool) -> AsyncIterator[Service]:
             service.nursery = nursery
             await nursery.start(service.writer.serve)
             await nursery.start(service.hellos.serve)
+            await nursery.start(service.last_seen.serve)
             await nursery.start(service.presence.serve)
             await nursery.start(service.typing.serve)
             yield service
