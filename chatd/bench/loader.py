@@ -196,6 +196,12 @@ class Loader(Connector):
                        "connecting": self.connecting + len(self.queue), "rx": self.rx})
         elif op == "report":
             self.emit(self.report())
+        elif op == "drop":  # every open connection but ``keep`` closes at once, without a close frame
+            keep = set(cmd.get("keep", ()))
+            gone = [conn for conn in self.conns if conn.idx not in keep and conn.state == READY]
+            for conn in gone:
+                self.drop(conn)
+            self.emit({"ev": "dropped", "count": len(gone)})
         elif op == "quit":
             self.running = False
         else:

@@ -86,7 +86,8 @@ def render(result: dict) -> str:
 
 
 def summary_line(result: dict) -> str:
-    keys = ("saturation_deliveries_per_s", "max_sustained_deliveries_per_s", "committed_msgs_per_s", "rss_bytes_per_conn", "connect_rate", "idle_server_cpu_pct", "stopped", "duration_s")
+    keys = ("saturation_deliveries_per_s", "max_sustained_deliveries_per_s", "committed_msgs_per_s", "rss_bytes_per_conn", "connect_rate", "idle_server_cpu_pct",
+            "disconnect_ping_max_ms", "disconnect_max_gc_pause_ms", "stopped", "duration_s")
     return "  ".join(f"{k}={result[k]}" for k in keys if result.get(k) is not None)
 
 

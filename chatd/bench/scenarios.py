@@ -187,17 +187,47 @@ class Idle:
             rows[-1]["ok"] = rows[-1]["errors"] == 0 and (rows[-1]["latency_p99_ms"] or 0) < 50
         fleet.broadcast({"op": "probe", "on": False, "idx": 0, "interval": 1})
         ctx.summary.update(self._hold(ctx))
+        if not ctx.out_of_time():
+            ctx.summary.update(self._disconnect(ctx))
         return rows
 
     def _hold(self, ctx: Context, seconds: float = 5.0) -> dict:
         """Server CPU and RSS while every connection sits idle."""
         ctx.say(f"idle for {seconds:.0f} s")
-        ctx.fast_receivers(set(), sample_every=1)
+        ctx.fast_receivers({"probe"}, sample_every=1)  # the probe keeps parsing: it pings in _disconnect
         meter = ctx.target.meter()
         meter.mark()
         time.sleep(seconds)
         own, db = meter.since()
         return {"idle_server_cpu_pct": round(own * 100 / (seconds * 1e9), 2), "idle_server_rss_bytes": ctx.target.rss()}
+
+    def _disconnect(self, ctx: Context, seconds: float = 5.0) -> dict:
+        """Every client but the probe drops at once (no close frame, as when a network
+        path fails); the probe's ping, the server's CPU and its GC pauses over ``seconds``."""
+        ctx.say(f"every client drops at once; probing for {seconds:.0f} s")
+        fleet, target = ctx.fleet, ctx.target
+        k, idx = fleet.where["probe"]
+        fleet.loaders[k].send({"op": "probe", "on": True, "idx": idx, "interval": 0.02})
+        fleet.reports()  # counters start at zero
+        meter = target.meter()
+        meter.mark()
+        t0 = time.monotonic_ns()
+        for i, loader in enumerate(fleet.loaders):
+            loader.send({"op": "drop", "keep": [idx] if i == k else []})
+        dropped = sum(loader.expect("dropped", 60)["count"] for loader in fleet.loaders)
+        time.sleep(seconds)
+        t_end = time.monotonic_ns()
+        own, _db = meter.since()
+        r = merge_reports(fleet.reports())
+        fleet.loaders[k].send({"op": "probe", "on": False, "idx": idx, "interval": 1})
+        ping = stats.percentiles(r["probe"], max_us=r["probe_max"] if r["probe"] else None)
+        gc = gc_fields(target, t0, t_end)
+        return {
+            "disconnected": dropped,
+            "disconnect_server_cpu_us_per_conn": round(own / 1000 / max(1, dropped), 1),
+            "disconnect_ping_p99_ms": ping["p99"], "disconnect_ping_max_ms": ping["max"],
+            "disconnect_max_gc_pause_ms": gc["max_gc_pause_ms"], "disconnect_max_gc_pause_cpu_ms": gc["max_gc_pause_cpu_ms"],
+        }
 
 
 class Mixed:

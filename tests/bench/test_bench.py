@@ -52,3 +52,20 @@ def test_quick_fanout_prints_one_json_object_with_the_documented_figures(tmp_pat
     assert 0 <= first["max_gc_pause_cpu_ms"] <= first["max_gc_pause_ms"] + 1  # CPU time cannot exceed wall time
     assert "saturation_deliveries_per_s" in result
     assert not list(tmp_path.glob("run-*")), "the run's work directory is removed after a good run"
+
+
+@pytest.mark.slow
+def test_quick_idle_connects_everyone_then_measures_them_all_dropping_at_once(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "chatd", "bench", "idle", "--quick", "--json", "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=170,
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    result = json.loads(done.stdout)
+    assert "error" not in result and [s["connections"] for s in result["steps"]] == [1000, 2000]
+    assert all(s["errors"] == 0 for s in result["steps"]) and result["connect_rate"] > 0
+    assert 0 < result["rss_bytes_per_conn"] < 64_000
+    # Every client but the probe dropped, and the probe's pings were answered meanwhile.
+    assert result["disconnected"] == 2000
+    assert 0 < result["disconnect_ping_p99_ms"] <= result["disconnect_ping_max_ms"] < 5000
+    assert result["disconnect_server_cpu_us_per_conn"] > 0 and result["disconnect_max_gc_pause_ms"] is not None
