@@ -403,38 +403,47 @@ class WebSocketConnection:
 
     async def _close(self, frame: bytes | None, code: int, reason: str, then: int) -> None:
         if self._close_done is not None:
-            with trio.move_on_after(self._close_timeout):
-                await self._close_done.wait()
+            if not self._close_done.is_set():  # another task is closing: wait for it
+                with trio.move_on_after(self._close_timeout):
+                    await self._close_done.wait()
             return
         self._close_done = trio.Event()
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
+        if frame is None or self._state != _OPEN or self._write_failed:
+            self._closed()  # nothing to send or wait for (a broken or vanished peer)
+            return
         try:
             with trio.move_on_after(self._close_timeout):
-                if frame is not None and self._state == _OPEN and not self._write_failed:
-                    self._state = _CLOSING
-                    self._direct = False
-                    self._pending.append(frame)
-                    self._pending_size += len(frame)
-                    await self._drain()
-                    if self._write_failed:
-                        pass
-                    elif then == _LINGER:
-                        await self._linger()
-                    elif then == _AWAIT_CLOSE and not self._peer_closed:
-                        await self._await_peer_close()
+                self._state = _CLOSING
+                self._direct = False
+                self._pending.append(frame)
+                self._pending_size += len(frame)
+                await self._drain()
+                if self._write_failed:
+                    pass
+                elif then == _LINGER:
+                    await self._linger()
+                elif then == _AWAIT_CLOSE and not self._peer_closed:
+                    await self._await_peer_close()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the peer is gone: nothing left to flush or wait for
         finally:
-            self._state = _CLOSED
-            self._direct = False
-            self._pending.clear()
-            self._pending_size = 0
-            self._wake_writer()
-            # SocketStream.aclose() is socket.close() plus a checkpoint; the plain
-            # close cannot be interrupted by a cancellation that is under way.
-            self._stream.socket.close()
-            self._close_done.set()
+            self._closed()
+
+    def _closed(self) -> None:
+        self._state = _CLOSED
+        self._direct = False
+        self._pending.clear()
+        self._pending_size = 0
+        # A parked writer wakes up to see the close and end; no new one is started for a
+        # closed connection (when 19,000 clients drop at once that was a task each).
+        self._writer_nursery = None
+        self._wake_writer()
+        # SocketStream.aclose() is socket.close() plus a checkpoint; the plain
+        # close cannot be interrupted by a cancellation that is under way.
+        self._stream.socket.close()
+        self._close_done.set()
 
     async def _await_peer_close(self) -> None:
         if self._receiving:  # a receive() is reading: it reports the peer's close

@@ -469,3 +469,32 @@ async def test_peer_vanishing_without_close_is_1006(server: EchoServer) -> None:
             await trio.sleep(0.01)
         assert server.ended[0][0] == ws.CLOSE_ABNORMAL
         assert not server.conns[0].deliver(ws.encode_binary(b"to nobody"))
+
+
+class SpawnCounter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.spawned: list[str] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.spawned.append(task.name)
+
+
+async def test_peers_vanishing_together_start_no_task_on_the_way_out(server: EchoServer) -> None:
+    # When thousands of clients drop at once, each close must not start a writer of
+    # its own only to find the connection closed (a task, its context and a scheduler
+    # pass per connection, all alive at once for the collector to walk).
+    server.echo = False
+    with trio.fail_after(20):
+        clients = await _accepted_clients(server, 20)
+        await trio.sleep(0.05)
+        counter = SpawnCounter()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for client in clients:
+                await client.stream.aclose()
+            while len(server.ended) < 20:
+                await trio.sleep(0.01)
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert [code for code, _ in server.ended] == [ws.CLOSE_ABNORMAL] * 20
+        assert not [name for name in counter.spawned if "_write" in name], counter.spawned
