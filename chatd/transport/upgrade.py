@@ -10,7 +10,7 @@ import trio
 
 from chatd.errors import Timeout
 from chatd.protocol import websocket as ws
-from chatd.transport.sockio import RECEIVE_SIZE
+from chatd.transport.sockio import RECEIVE_SIZE, raw_recv, raw_send
 from chatd.transport.websocket import ConnectionClosed, WebSocketConnection
 
 
@@ -36,12 +36,18 @@ async def accept_websocket(
     Cancel-safe: a cancelled handshake closes the stream.
     """
     try:
-        with trio.fail_after(handshake_timeout):
+        # A bare deadline scope and non-blocking socket calls: a client's request is
+        # usually waiting when its task first runs and the 101 fits the send buffer,
+        # so the common handshake passes through the scheduler not at all (trio's
+        # receive_some and send_all each take a pass even when they need not wait).
+        with trio.CancelScope(deadline=trio.current_time() + handshake_timeout) as deadline:
             handshake = await _read_handshake(stream, max_handshake_size)
             if path_check is not None and not path_check(handshake.path):
                 raise ws.HandshakeError(404, "no WebSocket endpoint at this path")
             chosen = next((p for p in subprotocols if p in handshake.subprotocols), None)
-            await stream.send_all(ws.accept_response(handshake, chosen))
+            await _send_response(stream, ws.accept_response(handshake, chosen))
+        if deadline.cancelled_caught:
+            raise trio.TooSlowError
     except ws.HandshakeError as exc:
         try:
             with trio.move_on_after(handshake_timeout):
@@ -70,15 +76,29 @@ async def accept_websocket(
 
 
 async def _read_handshake(stream: trio.SocketStream, max_size: int) -> ws.Handshake:
+    sock = stream.socket
     data = b""
     while True:
-        chunk = await stream.receive_some(max_size + 1)
+        try:
+            chunk = raw_recv(sock)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
         if not chunk:
             raise trio.BrokenResourceError("client closed during the handshake")
         data += chunk
         handshake = ws.parse_handshake(data, max_size=max_size)
         if handshake is not None:
             return handshake
+
+
+async def _send_response(stream: trio.SocketStream, response: bytes) -> None:
+    try:
+        sent = raw_send(stream.socket)(response)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(response):
+        await stream.send_all(response[sent:])
 
 
 async def _reject(stream: trio.SocketStream, exc: ws.HandshakeError) -> None:
