@@ -89,6 +89,58 @@ async def room_summaries(pool: Pool, user_id: str, room_ids: list[int] | None = 
     return _summary_rows(rows)
 
 
+# sync in one round trip: the caller's current rooms (RoomSummary columns), each joined
+# with the first page of events after the seq the client has, for the listed rooms that
+# are behind by no more than %(gap)s (the rest the caller answers with a snapshot). One
+# row per summary without a page, one row per event otherwise (the summary repeated);
+# %(limit)s is the page size plus one, to tell whether more follow. A message's
+# reactions come with it, emoji in the order first used, users in the order they reacted.
+_SYNC_SQL = f"""
+    WITH s AS ({_SUMMARIES_SQL.format(only="")}),
+    w AS (SELECT * FROM unnest(%(rooms)s::bigint[], %(haves)s::bigint[]) AS t(room_id, have))
+    SELECT s.*, e.seq, e.event_kind, e.sender, e.at, e.data, e.body, e.edited, e.deleted, e.reactions
+    FROM s LEFT JOIN w ON w.room_id = s.room_id
+    LEFT JOIN LATERAL (
+        SELECT ev.seq, ev.kind AS event_kind, ev.sender, extract(epoch FROM ev.created_at)::float8 AS at,
+               ev.data, ev.body, ev.edited, ev.deleted,
+               (SELECT json_object_agg(x.emoji, x.users ORDER BY x.first) FROM (
+                    SELECT emoji, array_agg(user_id ORDER BY created_at) AS users, min(created_at) AS first
+                    FROM reactions r WHERE r.room_id = ev.room_id AND r.seq = ev.seq GROUP BY emoji) x
+                WHERE ev.kind = 'message' AND NOT ev.deleted) AS reactions
+        FROM events ev
+        WHERE w.have < s.last_seq AND s.last_seq - greatest(w.have, s.joined_seq - 1) <= %(gap)s
+          AND ev.room_id = s.room_id AND ev.seq >= greatest(s.joined_seq, w.have + 1)
+        ORDER BY ev.seq LIMIT %(limit)s
+    ) e ON true
+    ORDER BY s.room_id, e.seq
+"""
+_SUMMARY_KEYS = ("room_id", "kind", "title", "public", "role", "last_seq", "read_seq", "joined_seq", "unread", "peer")
+
+
+async def sync_pages(
+    pool: Pool, user_id: str, haves: dict[int, int], *, limit: int, gap_max: int
+) -> tuple[list[dict[str, Any]], dict[int, tuple[list[RoomEvent], bool]]]:
+    """The caller's room summaries and, for each room of ``haves`` (room id -> the seq the
+    client has) that is behind by at most ``gap_max``, its next page of at most ``limit``
+    events and whether more follow; all in one statement."""
+    rooms = sorted(haves)
+    rows = await pool.fetch(
+        _SYNC_SQL, {"user": user_id, "rooms": rooms, "haves": [haves[r] for r in rooms], "gap": gap_max, "limit": limit + 1}
+    )
+    summaries: list[dict[str, Any]] = []
+    pages: dict[int, tuple[list[RoomEvent], bool]] = {}
+    for row in rows:
+        room_id = row["room_id"]
+        if not summaries or summaries[-1]["room_id"] != room_id:
+            summaries.append({k: row[k] for k in _SUMMARY_KEYS})
+        if row["seq"] is not None:
+            row["kind"] = row["event_kind"]
+            pages.setdefault(room_id, ([], False))[0].append(event_from_row(row, row["reactions"]))
+    for room_id, (events, _) in pages.items():
+        pages[room_id] = (events[:limit], len(events) > limit)
+    return _summary_rows(summaries), pages
+
+
 async def room_mates(pool: Pool, user_id: str, candidates: list[str]) -> list[str]:
     """Those of ``candidates`` who share at least one room with ``user_id``."""
     rows = await pool.fetch(

@@ -166,3 +166,44 @@ async def test_sync_too_far_behind_or_beyond_the_end_gets_a_snapshot(make_server
             assert all(isinstance(m["joined_at"], float) for m in snap["members"])
             assert _seqs(snap["latest"]) == [12, 13, 14, 15]
             assert snap["latest"][-1]["data"] == {"body": "m11"}
+
+
+async def test_sync_pages_carry_current_state_like_history_across_several_rooms(make_server):
+    # sync reads summaries, pages and reactions in one statement: each listed room gets
+    # exactly what history shows for the same range, whatever state its messages are in.
+    server = await make_server(limits={"retention_events": 20})
+    async with clients(server, "alice", "bob", "carol") as (a, b, c):
+        room = await group(a, ["bob", "carol"])
+        rid = room["room_id"]
+        first = await send(a, rid, "first")
+        second = await send(b, rid, "second")
+        third = await send(c, rid, "third")
+        for user, emoji in ((b, "👍"), (c, "🎉"), (a, "👍"), (c, "👍")):
+            await user.call("react", room_id=rid, seq=first["seq"], emoji=emoji, client_id=cid())
+        await b.call("edit", room_id=rid, seq=second["seq"], body="second, edited", client_id=cid())
+        await c.call("react", room_id=rid, seq=third["seq"], emoji="👀", client_id=cid())
+        await c.call("delete", room_id=rid, seq=third["seq"], client_id=cid())
+        other = await group(a, ["bob"], title="other")
+        far = await group(a, ["bob"], title="far")
+        for i in range(25):
+            await send(a, far["room_id"], f"f{i}")
+        last = (await send(a, rid, "last"))["seq"]
+
+        history = (await b.call("history", room_id=rid, after=first["seq"] - 1, limit=50))["events"]
+        synced = await b.call(
+            "sync", rooms={rid: first["seq"] - 1, other["room_id"]: other["last_seq"], far["room_id"]: 1}, limit=50
+        )
+        by_room = {r["room_id"]: r for r in synced["rooms"]}
+        assert set(by_room) == {rid, far["room_id"]}  # nothing new in "other"
+        assert by_room[rid]["events"] == history and by_room[rid]["has_more"] is False
+        assert _seqs(history) == list(range(first["seq"], last + 1))
+        reactions = history[0]["data"]["reactions"]
+        assert list(reactions.items()) == [("👍", ["bob", "alice", "carol"]), ("🎉", ["carol"])]
+        assert history[1]["data"] == {"body": "second, edited", "edited": True}
+        assert history[2]["data"] == {"deleted": True}
+        assert by_room[far["room_id"]]["too_far_behind"] is True  # 27 behind with a gap of 20
+        assert synced["removed"] == [] and synced["added"] == []
+
+        paged = await b.call("sync", rooms={rid: first["seq"] - 1}, limit=2)
+        [entry] = paged["rooms"]
+        assert entry["events"] == history[:2] and entry["has_more"] is True
