@@ -33,7 +33,14 @@ def room_info_from(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-_EVENT_COLUMNS = "room_id, seq, kind, sender, extract(epoch FROM created_at)::float8 AS at, data, body, edited, deleted"
+# An event row of ``events ev`` with its reactions if it is a live message: emoji in the
+# order first used, each with its users in the order they reacted (json keeps the order).
+_EVENT_COLUMNS = """ev.room_id, ev.seq, ev.kind, ev.sender, extract(epoch FROM ev.created_at)::float8 AS at,
+    ev.data, ev.body, ev.edited, ev.deleted,
+    (SELECT json_object_agg(x.emoji, x.users ORDER BY x.first) FROM (
+         SELECT emoji, array_agg(user_id ORDER BY created_at) AS users, min(created_at) AS first
+         FROM reactions r WHERE r.room_id = ev.room_id AND r.seq = ev.seq GROUP BY emoji) x
+     WHERE ev.kind = 'message' AND NOT ev.deleted) AS reactions"""
 
 
 # The caller's current rooms with last seq, read watermark and unread count
@@ -93,21 +100,14 @@ async def room_summaries(pool: Pool, user_id: str, room_ids: list[int] | None = 
 # with the first page of events after the seq the client has, for the listed rooms that
 # are behind by no more than %(gap)s (the rest the caller answers with a snapshot). One
 # row per summary without a page, one row per event otherwise (the summary repeated);
-# %(limit)s is the page size plus one, to tell whether more follow. A message's
-# reactions come with it, emoji in the order first used, users in the order they reacted.
+# %(limit)s is the page size plus one, to tell whether more follow.
 _SYNC_SQL = f"""
     WITH s AS ({_SUMMARIES_SQL.format(only="")}),
     w AS (SELECT * FROM unnest(%(rooms)s::bigint[], %(haves)s::bigint[]) AS t(room_id, have))
-    SELECT s.*, e.seq, e.event_kind, e.sender, e.at, e.data, e.body, e.edited, e.deleted, e.reactions
+    SELECT s.*, e.seq, e.kind AS event_kind, e.sender, e.at, e.data, e.body, e.edited, e.deleted, e.reactions
     FROM s LEFT JOIN w ON w.room_id = s.room_id
     LEFT JOIN LATERAL (
-        SELECT ev.seq, ev.kind AS event_kind, ev.sender, extract(epoch FROM ev.created_at)::float8 AS at,
-               ev.data, ev.body, ev.edited, ev.deleted,
-               (SELECT json_object_agg(x.emoji, x.users ORDER BY x.first) FROM (
-                    SELECT emoji, array_agg(user_id ORDER BY created_at) AS users, min(created_at) AS first
-                    FROM reactions r WHERE r.room_id = ev.room_id AND r.seq = ev.seq GROUP BY emoji) x
-                WHERE ev.kind = 'message' AND NOT ev.deleted) AS reactions
-        FROM events ev
+        SELECT {_EVENT_COLUMNS} FROM events ev
         WHERE w.have < s.last_seq AND s.last_seq - greatest(w.have, s.joined_seq - 1) <= %(gap)s
           AND ev.room_id = s.room_id AND ev.seq >= greatest(s.joined_seq, w.have + 1)
         ORDER BY ev.seq LIMIT %(limit)s
@@ -135,7 +135,7 @@ async def sync_pages(
             summaries.append({k: row[k] for k in _SUMMARY_KEYS})
         if row["seq"] is not None:
             row["kind"] = row["event_kind"]
-            pages.setdefault(room_id, ([], False))[0].append(event_from_row(row, row["reactions"]))
+            pages.setdefault(room_id, ([], False))[0].append(event_from_row(row))
     for room_id, (events, _) in pages.items():
         pages[room_id] = (events[:limit], len(events) > limit)
     return _summary_rows(summaries), pages
@@ -190,43 +190,31 @@ async def page(pool: Pool, room_id: int, *, after: int | None = None, before: in
     low = max(floor, (after or 0) + 1)
     if after is not None and before is None:
         rows = await pool.fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE room_id = %s AND seq >= %s ORDER BY seq LIMIT %s",
+            f"SELECT {_EVENT_COLUMNS} FROM events ev WHERE room_id = %s AND seq >= %s ORDER BY seq LIMIT %s",
             (room_id, low, limit + 1),
         )
         more = len(rows) > limit
-        return await _events(pool, room_id, rows[:limit]), more
+        return [event_from_row(r) for r in rows[:limit]], more
     if after is not None:
         # A bounded range: oldest first, paging forwards inside it.
         rows = await pool.fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE room_id = %s AND seq >= %s AND seq < %s ORDER BY seq LIMIT %s",
+            f"SELECT {_EVENT_COLUMNS} FROM events ev WHERE room_id = %s AND seq >= %s AND seq < %s ORDER BY seq LIMIT %s",
             (room_id, low, before, limit + 1),
         )
         more = len(rows) > limit
-        return await _events(pool, room_id, rows[:limit]), more
+        return [event_from_row(r) for r in rows[:limit]], more
     rows = await pool.fetch(
-        f"SELECT {_EVENT_COLUMNS} FROM events WHERE room_id = %s AND seq >= %s AND seq < %s ORDER BY seq DESC LIMIT %s",
+        f"SELECT {_EVENT_COLUMNS} FROM events ev WHERE room_id = %s AND seq >= %s AND seq < %s ORDER BY seq DESC LIMIT %s",
         (room_id, low, before if before is not None else 2**62, limit + 1),
     )
     more = len(rows) > limit
     rows = rows[:limit]
     rows.reverse()
-    return await _events(pool, room_id, rows), more
+    return [event_from_row(r) for r in rows], more
 
 
-async def _events(pool: Pool, room_id: int, rows: list[dict[str, Any]]) -> list[RoomEvent]:
-    message_seqs = [r["seq"] for r in rows if r["kind"] == "message" and not r["deleted"]]
-    reactions: dict[int, dict[str, list[str]]] = {}
-    if message_seqs:
-        for r in await pool.fetch(
-            "SELECT seq, emoji, array_agg(user_id ORDER BY created_at) AS users FROM reactions"
-            " WHERE room_id = %s AND seq = ANY(%s) GROUP BY seq, emoji ORDER BY seq, min(created_at)",
-            (room_id, message_seqs),
-        ):
-            reactions.setdefault(r["seq"], {})[r["emoji"]] = r["users"]
-    return [event_from_row(r, reactions.get(r["seq"])) for r in rows]
-
-
-def event_from_row(row: dict[str, Any], reactions: dict[str, list[str]] | None = None) -> RoomEvent:
+def event_from_row(row: dict[str, Any]) -> RoomEvent:
+    """A RoomEvent from a row of ``_EVENT_COLUMNS``, a message in its current state."""
     data = row["data"]
     if isinstance(data, str):
         data = json.loads(data)
@@ -238,8 +226,8 @@ def event_from_row(row: dict[str, Any], reactions: dict[str, list[str]] | None =
             data["body"] = row["body"]
             if row["edited"]:
                 data["edited"] = True
-            if reactions:
-                data["reactions"] = reactions
+            if row["reactions"]:
+                data["reactions"] = row["reactions"]
     return RoomEvent(row["room_id"], row["seq"], row["kind"], row["sender"], row["at"], data)
 
 
