@@ -32,14 +32,19 @@ def test_percentiles_match_the_samples_within_one_percent():
     assert got["n"] == len(samples)
 
 
-@pytest.mark.slow
-def test_quick_fanout_prints_one_json_object_with_the_documented_figures(tmp_path):
+def _quick(scenario: str, work_dir) -> dict:
+    """``chatd bench SCENARIO --quick --json`` as CI runs it; its one JSON object."""
     done = subprocess.run(
-        [sys.executable, "-m", "chatd", "bench", "fanout", "--quick", "--json", "--work-dir", str(tmp_path)],
+        [sys.executable, "-m", "chatd", "bench", scenario, "--quick", "--json", "--work-dir", str(work_dir)],
         capture_output=True, text=True, timeout=170,
     )
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
-    result = json.loads(done.stdout)  # exactly one JSON object, nothing else on stdout
+    return json.loads(done.stdout)  # exactly one JSON object, nothing else on stdout
+
+
+@pytest.mark.slow
+def test_quick_fanout_prints_one_json_object_with_the_documented_figures(tmp_path):
+    result = _quick("fanout", tmp_path)
     assert result["scenario"] == "fanout" and result["target"] == "chatd" and "error" not in result
     assert result["steps"], result
     for step in result["steps"]:
@@ -56,12 +61,7 @@ def test_quick_fanout_prints_one_json_object_with_the_documented_figures(tmp_pat
 
 @pytest.mark.slow
 def test_quick_idle_connects_everyone_then_measures_them_all_dropping_at_once(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "chatd", "bench", "idle", "--quick", "--json", "--work-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=170,
-    )
-    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
-    result = json.loads(done.stdout)
+    result = _quick("idle", tmp_path)
     assert "error" not in result and [s["connections"] for s in result["steps"]] == [1000, 2000]
     assert all(s["errors"] == 0 for s in result["steps"]) and result["connect_rate"] > 0
     assert 0 < result["rss_bytes_per_conn"] < 64_000
