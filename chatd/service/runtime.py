@@ -11,7 +11,6 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Sequence
 
-import structlog
 import trio
 
 import chatd
@@ -31,7 +30,6 @@ from chatd.store import reads
 from chatd.store.pool import Pool
 from chatd.store.writer import Writer
 
-log = structlog.get_logger("chatd.service")
 
 
 def frame(payload: bytes) -> bytes:
