@@ -80,10 +80,16 @@ class LastSeenWrites:
             self.failures += 1
             message = getattr(exc, "message", None) or f"no answer within {self.timeout}s"
             log.warning("presence.last_seen_failed", users=len(batch), error=message, retry_in=self.retry_after)
-            for user_id, moment in batch.items():  # a newer moment recorded meanwhile wins
-                if moment > self._pending.get(user_id, 0.0):
-                    self._pending[user_id] = moment
+            self._put_back(batch)
             return False
+        except BaseException:  # cancelled mid-write (the service stopping): the final flush retries them
+            self._put_back(batch)
+            raise
         self.statements += 1
         self.written += len(batch)
         return True
+
+    def _put_back(self, batch: dict[str, float]) -> None:
+        for user_id, moment in batch.items():  # a newer moment recorded meanwhile wins
+            if moment > self._pending.get(user_id, 0.0):
+                self._pending[user_id] = moment

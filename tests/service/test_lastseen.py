@@ -129,3 +129,30 @@ async def test_clients_that_drop_together_all_get_last_seen_in_few_statements(ch
             await trio.sleep(0.05)
     assert all(before - 1 <= r[0] <= time.time() + 1 for r in rows)
     assert writes.failures == 0 and writes.statements < len(users) // 4, writes.statements
+
+
+async def test_a_write_cancelled_as_the_service_stops_is_retried_by_the_final_flush(pool, db_conninfo):
+    await _users(pool, "ls-stopping")
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with psycopg.connect(db_conninfo) as conn:
+            conn.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            release.wait(20)
+
+    writes = LastSeenWrites(pool, timeout=5)
+    async with trio.open_nursery() as outer:
+        outer.start_soon(trio.to_thread.run_sync, hold_lock)
+        await trio.to_thread.run_sync(locked.wait, 10)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writes.serve)
+            writes.record("ls-stopping", 5_000_000.0)
+            with trio.fail_after(10):
+                while writes.pending:  # taken out: its write waits on the lock
+                    await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            threading.Timer(0.3, release.set).start()  # the lock goes while the service stops
+            nursery.cancel_scope.cancel()
+    assert writes.failures == 0 and writes.written == 1
+    assert await _stored(pool, ["ls-stopping"]) == {"ls-stopping": 5_000_000.0}
