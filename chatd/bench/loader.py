@@ -90,7 +90,7 @@ class Loader(Connector):
             "deliveries": self.deliveries, "failed": self.failed, "pending": len(self.pending),
             "lat": stats.sparse(self.lat), "lat_max": self.lat_max,
             "ack": stats.sparse(self.ack), "ack_max": self.ack_max,
-            "probe": stats.sparse(self.probe_h), "probe_max": self.probe_max,
+            "probe": stats.sparse(self.probe_h), "probe_max": self.probe_max, "probe_waiting_us": self.probe_waiting_us(),
             "connect": stats.sparse(self.connect_h),
             "sync": stats.sparse(self.sync_h), "sync_max": self.sync_max, "dropped": self.dropped,
             "errors": dict(self.errors), "closes": {str(k): v for k, v in self.closes.items()},
@@ -98,6 +98,13 @@ class Loader(Connector):
         }
         self.reset()
         return out
+
+    def probe_waiting_us(self) -> int:
+        """How long the probe's unanswered ping has waited (0 if none): a server that
+        answers nothing in a window must not look responsive for lack of samples."""
+        rid = self.probe["rid"] if self.probe is not None else None
+        entry = self.pending.get(rid) if rid is not None else None
+        return (mono() - entry[1]) // 1000 if entry is not None else 0
 
     def emit(self, obj: dict) -> None:
         sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")

@@ -101,6 +101,10 @@ def render_compare(compare: dict) -> str:
             if run.get("error"):
                 rows.append({"target": f"{name} (error: {run['error'][:60]})"})
     lines = [f"chatd bench compare {scenario}" + (" --quick" if compare.get("quick") else ""), grid(rows, columns_for(scenario), [("target", "target")]), ""]
+    for name, runs in compare["runs"].items():
+        for run in runs:
+            lines.append(f"{name}: {summary_line(run)}")
+    lines.append("")
     for name, ratio in compare["ratios"].items():
         lines.append(f"chatd/{name}: " + "  ".join(f"{k}={v}" for k, v in ratio.items() if k != "steps"))
     return "\n".join(lines)

@@ -178,7 +178,8 @@ class Idle:
                 "db_cpu_pct": round(db_ns * 100 / (t_end - t0), 1) if target.has_db else None,
                 "server_rss_bytes": rss, "db_rss_bytes": target.db_rss(),
                 "rss_bytes_per_conn": round((rss - base) / max(1, conns)),
-                **latency_fields("latency", r["probe"], r["probe_max"]),
+                # A ping still unanswered when the step ends counts with its wait so far.
+                **latency_fields("latency", r["probe"], max(r["probe_max"], r["probe_waiting_us"])),
                 "errors": r["failed"] + sum(r["errors"].values()), "error_kinds": dict(r["errors"]),
                 "slow_consumer_closes": r["closes"].pop("4008", 0), "other_closes": sum(r["closes"].values()),
                 **gc_fields(target, t0, t_end),
@@ -221,11 +222,14 @@ class Idle:
         r = merge_reports(fleet.reports())
         fleet.loaders[k].send({"op": "probe", "on": False, "idx": idx, "interval": 1})
         ping = stats.percentiles(r["probe"], max_us=r["probe_max"] if r["probe"] else None)
+        # A ping still unanswered at the end counts with the time it has waited so far.
+        longest = max(ping["max"] or 0, r["probe_waiting_us"] / 1000)
         gc = gc_fields(target, t0, t_end)
         return {
             "disconnected": dropped,
             "disconnect_server_cpu_us_per_conn": round(own / 1000 / max(1, dropped), 1),
-            "disconnect_ping_p99_ms": ping["p99"], "disconnect_ping_max_ms": ping["max"],
+            "disconnect_pings_answered": ping["n"],
+            "disconnect_ping_p99_ms": ping["p99"], "disconnect_ping_max_ms": round(longest, 3),
             "disconnect_max_gc_pause_ms": gc["max_gc_pause_ms"], "disconnect_max_gc_pause_cpu_ms": gc["max_gc_pause_cpu_ms"],
         }
 

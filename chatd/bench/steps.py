@@ -79,8 +79,8 @@ def merge_reports(reports: list[dict]) -> dict:
         total[key] = sum(r[key] for r in reports)
     for key in ("lat", "ack", "probe", "connect", "sync"):
         total[key] = stats.merge(r[key] for r in reports)
-    for key in ("lat_max", "ack_max", "probe_max", "sync_max"):
-        total[key] = max(r[key] for r in reports)
+    for key in ("lat_max", "ack_max", "probe_max", "sync_max", "probe_waiting_us"):
+        total[key] = max(r.get(key, 0) for r in reports)
     for r in reports:
         total["errors"].update(r["errors"])
         total["closes"].update(r["closes"])
