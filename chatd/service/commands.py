@@ -175,8 +175,7 @@ async def sync(service: Service, session: Session, cmd: m.Sync) -> dict[str, Any
     """Missed events per listed room; a snapshot when a room is too far behind (or the
     client claims a seq past the room's end); removed and added rooms."""
     limit = cmd.limit or service.limits.sync_page_max
-    gap_max = service.limits.sync_gap_max
-    summaries, pages = await reads.sync_pages(service.pool, session.user_id, cmd.rooms, limit=limit, gap_max=gap_max)
+    summaries, pages = await reads.sync_pages(service.pool, session.user_id, cmd.rooms, limit=limit)
     current = {r["room_id"]: r for r in summaries}
     rooms, removed = [], []
     for room_id, have in sorted(cmd.rooms.items()):
@@ -187,7 +186,7 @@ async def sync(service: Service, session: Session, cmd: m.Sync) -> dict[str, Any
         last, floor = row["last_seq"], row["joined_seq"]
         if have == last:
             continue  # nothing new
-        if have > last or last - max(have, floor - 1) > gap_max:
+        if have > last or last - max(have, floor - 1) > service.limits.sync_gap_max:
             snap = await reads.room_snapshot(service.pool, room_id, session.user_id, floor=floor, latest=limit)
             rooms.append({"room_id": room_id, "events": [], "has_more": False, "too_far_behind": True, "snapshot": snap})
             continue

@@ -96,10 +96,10 @@ async def room_summaries(pool: Pool, user_id: str, room_ids: list[int] | None = 
     return _summary_rows(rows)
 
 
-# sync in one round trip: the caller's current rooms (RoomSummary columns), each joined
-# with the first page of events after the seq the client has, for the listed rooms that
-# are behind by no more than %(gap)s (the rest the caller answers with a snapshot). One
-# row per summary without a page, one row per event otherwise (the summary repeated);
+# sync in one round trip: the caller's current rooms (RoomSummary columns), each listed
+# room that is behind joined with the first page of events after the seq the client has
+# (whether a room is too far behind for a page is the caller's rule). One row per
+# summary without a page, one row per event otherwise (the summary repeated);
 # %(limit)s is the page size plus one, to tell whether more follow.
 _SYNC_SQL = f"""
     WITH s AS ({_SUMMARIES_SQL.format(only="")}),
@@ -108,8 +108,7 @@ _SYNC_SQL = f"""
     FROM s LEFT JOIN w ON w.room_id = s.room_id
     LEFT JOIN LATERAL (
         SELECT {_EVENT_COLUMNS} FROM events ev
-        WHERE w.have < s.last_seq AND s.last_seq - greatest(w.have, s.joined_seq - 1) <= %(gap)s
-          AND ev.room_id = s.room_id AND ev.seq >= greatest(s.joined_seq, w.have + 1)
+        WHERE w.have < s.last_seq AND ev.room_id = s.room_id AND ev.seq >= greatest(s.joined_seq, w.have + 1)
         ORDER BY ev.seq LIMIT %(limit)s
     ) e ON true
     ORDER BY s.room_id, e.seq
@@ -118,15 +117,13 @@ _SUMMARY_KEYS = ("room_id", "kind", "title", "public", "role", "last_seq", "read
 
 
 async def sync_pages(
-    pool: Pool, user_id: str, haves: dict[int, int], *, limit: int, gap_max: int
+    pool: Pool, user_id: str, haves: dict[int, int], *, limit: int
 ) -> tuple[list[dict[str, Any]], dict[int, tuple[list[RoomEvent], bool]]]:
     """The caller's room summaries and, for each room of ``haves`` (room id -> the seq the
-    client has) that is behind by at most ``gap_max``, its next page of at most ``limit``
-    events and whether more follow; all in one statement."""
+    client has) that is behind, its next page of at most ``limit`` events and whether
+    more follow; all in one statement."""
     rooms = sorted(haves)
-    rows = await pool.fetch(
-        _SYNC_SQL, {"user": user_id, "rooms": rooms, "haves": [haves[r] for r in rooms], "gap": gap_max, "limit": limit + 1}
-    )
+    rows = await pool.fetch(_SYNC_SQL, {"user": user_id, "rooms": rooms, "haves": [haves[r] for r in rooms], "limit": limit + 1})
     summaries: list[dict[str, Any]] = []
     pages: dict[int, tuple[list[RoomEvent], bool]] = {}
     for row in rows:
