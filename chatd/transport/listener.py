@@ -172,7 +172,7 @@ async def serve_websocket(cfg: WebSocketConfig, service: Service, scope: trio.Ca
                 async with trio.open_nursery() as accepting:
                     for sock in sockets:
                         accepting.start_soon(listener.accept, sock)
-            _close(sockets)
+            _close(sockets)  # draining: the port is free while connections finish
     finally:
         _close(sockets)
 
