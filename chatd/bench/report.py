@@ -9,8 +9,8 @@ import time
 MESSAGE_COLUMNS = [
     ("step", "step", "{}"), ("offered", "offered_rate", "{:.0f}"), ("acked/s", "achieved_rate", "{:.0f}"),
     ("deliv/s", "deliveries_per_s", "{:.0f}"), ("µs/deliv", "server_cpu_us_per_delivery", "{:.2f}"),
-    ("srv%", "server_cpu_pct", "{:.0f}"), ("db%", "db_cpu_pct", "{:.0f}"), ("rss MB", "server_rss_bytes", "mb"),
-    ("p50", "latency_p50_ms", "{:.1f}"), ("p90", "latency_p90_ms", "{:.1f}"), ("p99", "latency_p99_ms", "{:.1f}"),
+    ("srv%", "server_cpu_pct", "{:.0f}"), ("db%", "db_cpu_pct", "{:.0f}"), ("db busy", "db_busy_pct", "{:.0f}"),
+    ("rss MB", "server_rss_bytes", "mb"), ("p50", "latency_p50_ms", "{:.1f}"), ("p90", "latency_p90_ms", "{:.1f}"), ("p99", "latency_p99_ms", "{:.1f}"),
     ("p999", "latency_p999_ms", "{:.1f}"), ("max", "latency_max_ms", "{:.1f}"), ("ack p99", "ack_p99_ms", "{:.1f}"),
     ("err", "errors", "{}"), ("miss", "missing_deliveries", "{}"), ("slow", "slow_consumer_closes", "{}"),
     ("gc ms", "max_gc_pause_ms", "{:.1f}"), ("gc cpu", "max_gc_pause_cpu_ms", "{:.1f}"), ("load%", "loader_cpu_pct", "{:.0f}"),

@@ -104,6 +104,22 @@ def message_step(
     commands: dict[int, dict] | None = None,
 ) -> dict:
     """Run one send step; returns its row of figures (see docs/performance.md)."""
+    sampler = ctx.target.db_sampler()
+    if sampler is not None:
+        sampler.start()
+    try:
+        return _message_step(ctx, sampler, offered=offered, mode=mode, duration=duration, per_msg=per_msg,
+                             senders=senders, rates=rates, window=window, label=label, commands=commands)
+    finally:
+        if sampler is not None:
+            sampler.stop()  # a no-op when the step took its figures already
+
+
+def _message_step(
+    ctx: Context, sampler, *, offered: float | None, mode: str, duration: float, per_msg: int,
+    senders: dict[int, list[list[int]]], rates: dict[int, float], window: int, label: str,
+    commands: dict[int, dict] | None,
+) -> dict:
     target, fleet = ctx.target, ctx.fleet
     fleet.reports()  # counters start at zero
     meter = target.meter()
@@ -140,11 +156,14 @@ def message_step(
     server_ns, db_ns = meter.since()
     loader = fleet.cpu_pct()
     t_end = time.monotonic_ns()
+    db = sampler.stop() if sampler is not None else {"db_busy_pct": None, "db_waits": None}
     other = other_cpu_pct(meter, server_ns + db_ns + loader[2], t_end - t0)
     r = merge_reports(fleet.reports())
-    return step_row(ctx, r, offered=offered, mode=mode, duration=duration, per_msg=per_msg,
-                    elapsed_ns=max(t_sent, t_last) - t0, window_ns=t_end - t0, t0=t0, t_end=t_end,
-                    server_ns=server_ns, db_ns=db_ns, loader=loader, other=other)
+    row = step_row(ctx, r, offered=offered, mode=mode, duration=duration, per_msg=per_msg,
+                   elapsed_ns=max(t_sent, t_last) - t0, window_ns=t_end - t0, t0=t0, t_end=t_end,
+                   server_ns=server_ns, db_ns=db_ns, loader=loader, other=other)
+    row.update(db)
+    return row
 
 
 def other_cpu_pct(meter, ours_ns: int, window_ns: int) -> float:

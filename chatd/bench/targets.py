@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from chatd.bench import gcwatch, peers, procstat
+from chatd.bench import dbwatch, gcwatch, peers, procstat
 from chatd.bench.fleet import BenchError
 
 SECRET = "chatd-bench-secret-0123456789-abcdefghijklmnop"
@@ -95,6 +95,10 @@ class Target:
         """Longest GC pause in the window: (wall ms, CPU ms); None where not measured."""
         return None, None
 
+    def db_sampler(self) -> dbwatch.Sampler | None:
+        """A sampler of the server's database activity for one step; None without a database."""
+        return None
+
     def _launch(self, argv: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> None:
         self.port = self.port or free_port()
         with open(self.log, "wb") as out:
@@ -147,6 +151,9 @@ class ChatdTarget(Target):
 
     def db_rss(self) -> int | None:
         return sum(procstat.rss_bytes(p) for p in procstat.descendants(self.pid))
+
+    def db_sampler(self) -> dbwatch.Sampler | None:
+        return dbwatch.Sampler(dbwatch.embedded_conninfo(self.state))
 
     def gc_pause_ms(self, start_ns: int, end_ns: int) -> tuple[float | None, float | None]:
         pauses = gcwatch.read_pauses(str(self.gc_log), start_ns, end_ns)

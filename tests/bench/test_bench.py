@@ -55,6 +55,9 @@ def test_quick_fanout_prints_one_json_object_with_the_documented_figures(tmp_pat
     assert first["server_cpu_us_per_delivery"] > 0 and first["server_rss_bytes"] > 0
     assert first["max_gc_pause_ms"] is not None
     assert 0 <= first["max_gc_pause_cpu_ms"] <= first["max_gc_pause_ms"] + 1  # CPU time cannot exceed wall time
+    # PostgreSQL was sampled through the step (20 samples a second; docs/performance.md).
+    assert first["db_watch_error"] is None and first["db_samples"] >= 10, first
+    assert 0 <= first["db_busy_pct"] <= 100
     assert "saturation_deliveries_per_s" in result
     assert not list(tmp_path.glob("run-*")), "the run's work directory is removed after a good run"
 
