@@ -31,6 +31,11 @@ _QUERY = (
 )
 
 
+def no_figures(error: str | None = None) -> dict:
+    """A step's figures when nothing was sampled (a peer, which has no database, or an error)."""
+    return {"db_busy_pct": None, "db_waits": None, "db_samples": 0, "db_watch_error": error}
+
+
 def embedded_conninfo(state_dir: Path) -> str:
     """The maintenance database of the embedded server chatd runs under ``state_dir``."""
     root = Path(state_dir) / "postgres"
@@ -61,7 +66,7 @@ class Sampler:
         if self._thread is not None:
             self._thread.join(TIMEOUT + 1)
         if not self._samples:
-            return {"db_busy_pct": None, "db_waits": None, "db_samples": 0, "db_watch_error": self._error}
+            return no_figures(self._error)
         n = self._samples
         return {
             "db_busy_pct": round(self._busy * 100 / n, 1),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from chatd.bench import stats
+from chatd.bench import dbwatch, stats
 from chatd.bench.fleet import BenchError, Fleet
 from chatd.bench.targets import Target
 
@@ -156,7 +156,7 @@ def _message_step(
     server_ns, db_ns = meter.since()
     loader = fleet.cpu_pct()
     t_end = time.monotonic_ns()
-    db = sampler.stop() if sampler is not None else {"db_busy_pct": None, "db_waits": None}
+    db = sampler.stop() if sampler is not None else dbwatch.no_figures()
     other = other_cpu_pct(meter, server_ns + db_ns + loader[2], t_end - t0)
     r = merge_reports(fleet.reports())
     row = step_row(ctx, r, offered=offered, mode=mode, duration=duration, per_msg=per_msg,
