@@ -3,7 +3,7 @@
 CPU figures say how much PostgreSQL worked, not whether chatd was waiting on it: a
 backend that waits for a WAL segment to be zero-filled or a flush to finish uses no CPU.
 A thread of the bench asks ``pg_stat_activity`` every :data:`INTERVAL` seconds which
-client backends are executing a statement and what each waits on, if anything. A step's
+client backends of the database it is connected to (chatd's) are executing a statement and what each waits on, if anything. A step's
 row then says in what share of the samples a statement was executing (``db_busy_pct``)
 and, per wait event, in what share of them a backend was in it (``db_waits``: ``CPU``
 for none, else ``type:event``, e.g. ``IO:WalSync``). Each sample is a query of its own:
@@ -27,7 +27,8 @@ TIMEOUT = 5.0  # connect timeout and statement timeout of the sampling connectio
 
 _QUERY = (
     "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') FROM pg_stat_activity"
-    " WHERE state = 'active' AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    " WHERE state = 'active' AND backend_type = 'client backend' AND datname = current_database()"
+    " AND pid <> pg_backend_pid()"
 )
 
 
@@ -36,11 +37,11 @@ def no_figures(error: str | None = None) -> dict:
     return {"db_busy_pct": None, "db_waits": None, "db_samples": 0, "db_watch_error": error}
 
 
-def embedded_conninfo(state_dir: Path) -> str:
-    """The maintenance database of the embedded server chatd runs under ``state_dir``."""
+def embedded_conninfo(state_dir: Path, dbname: str) -> str:
+    """Database ``dbname`` of the embedded server chatd runs under ``state_dir``."""
     root = Path(state_dir) / "postgres"
     port = int((root / "port").read_text())
-    return make_conninfo(host=str(root / "run"), port=str(port), user=SUPERUSER, dbname="postgres")
+    return make_conninfo(host=str(root / "run"), port=str(port), user=SUPERUSER, dbname=dbname)
 
 
 class Sampler:

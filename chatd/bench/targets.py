@@ -153,7 +153,9 @@ class ChatdTarget(Target):
         return sum(procstat.rss_bytes(p) for p in procstat.descendants(self.pid))
 
     def db_sampler(self) -> dbwatch.Sampler | None:
-        return dbwatch.Sampler(dbwatch.embedded_conninfo(self.state))
+        from chatd.config import DatabaseConfig  # the bench's chatd runs on the default database name
+
+        return dbwatch.Sampler(dbwatch.embedded_conninfo(self.state, DatabaseConfig().name))
 
     def gc_pause_ms(self, start_ns: int, end_ns: int) -> tuple[float | None, float | None]:
         pauses = gcwatch.read_pauses(str(self.gc_log), start_ns, end_ns)

@@ -17,8 +17,8 @@ def _sample(conninfo: str, seconds: float) -> dict:
     return sampler.stop()
 
 
-def test_a_statement_running_through_the_window_shows_as_busy_with_its_wait_event(pg_server):
-    conninfo = pg_server.conninfo("postgres")
+def test_a_statement_running_through_the_window_shows_as_busy_with_its_wait_event(db_conninfo):
+    conninfo = db_conninfo
     started = threading.Event()
 
     def sleeper() -> None:
@@ -38,8 +38,19 @@ def test_a_statement_running_through_the_window_shows_as_busy_with_its_wait_even
     assert figures["db_waits"].get("Timeout:PgSleep", 0) >= 90, figures
 
 
-def test_an_idle_server_is_not_busy(pg_server):
-    figures = _sample(pg_server.conninfo("postgres"), 0.3)
+def test_an_idle_database_is_not_busy_and_other_databases_do_not_count(db_conninfo, pg_server):
+    started = threading.Event()
+
+    def elsewhere() -> None:  # a statement in another database of the same server
+        with psycopg.connect(pg_server.conninfo("postgres"), autocommit=True) as conn:
+            started.set()
+            conn.execute("SELECT pg_sleep(0.6)")
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    started.wait(10)
+    figures = _sample(db_conninfo, 0.3)
+    thread.join(10)
     assert figures["db_samples"] >= 5
     assert figures["db_busy_pct"] == 0 and figures["db_waits"] == {}, figures
 
