@@ -87,7 +87,8 @@ class Sampler:
                     if events:
                         self._busy += 1
                         self._waits.update(events)
-                    next_at += self.interval
-                    self._stop.wait(max(0.0, next_at - time.monotonic()))
+                    # A slow sample moves the schedule on rather than bursting to catch up.
+                    next_at = max(next_at + self.interval, time.monotonic())
+                    self._stop.wait(next_at - time.monotonic())
         except psycopg.Error as exc:  # the figures say so; the step itself goes on
             self._error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

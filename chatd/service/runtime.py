@@ -31,7 +31,6 @@ from chatd.store.pool import Pool
 from chatd.store.writer import Writer
 
 
-
 def frame(payload: bytes) -> bytes:
     """A WebSocket binary frame around an encoded MessagePack payload."""
     return encode_binary(payload)
