@@ -104,6 +104,7 @@ class WriterConfig:
     max_batch: int = _f(1000, "Most mutations committed in one group-commit transaction.", min=1, max=100000)
     queue_size: int = _f(20000, "Mutations waiting for the writer before senders are told unavailable.", min=1, max=10_000_000)
     pipeline: int = _f(2, "Batches of sends in flight at once, each on its own connection: a batch's statement runs while the one before is still publishing. The writer opens this many database connections of its own, besides database.pool_size. 1 = strictly one batch at a time.", min=1, max=16)
+    linger: float = _f(0.002, "Seconds a batch may wait for more mutations before it starts. It waits only while they arrive fast enough that more are expected in that time than are queued, and only until that many have arrived: fuller batches cost the writer and the database less per message, for at most this much added ack latency. A send on a quiet server never waits. 0 = never wait.", min=0, max=0.1)
 
 
 @dataclass(frozen=True)

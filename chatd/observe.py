@@ -68,6 +68,7 @@ class ChatdCollector:
         yield CounterMetricFamily("chatd_slow_consumers", "Deliveries refused because an outbox overflowed.", value=service.rooms.slow_consumers)
         yield CounterMetricFamily("chatd_writer_batches", "Group-commit transactions committed.", value=service.writer.batches)
         yield CounterMetricFamily("chatd_writer_mutations", "Durable mutations committed.", value=service.writer.committed)
+        yield CounterMetricFamily("chatd_writer_lingered", "Batches that waited writer.linger for more mutations before starting.", value=service.writer.lingered)
         pending = service.writer._send.statistics().current_buffer_used
         yield GaugeMetricFamily("chatd_writer_queue", "Mutations waiting for the writer.", value=pending)
         pool = self.server.db.pool

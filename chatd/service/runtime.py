@@ -81,6 +81,7 @@ class Service:
             queue_size=config.writer.queue_size,
             publish=self.publish,
             pipeline=config.writer.pipeline,
+            linger=config.writer.linger,
         )
         # Hellos that arrive together share one read (a reconnect storm is one statement
         # per batch, not per connection).

@@ -417,3 +417,65 @@ async def test_other_mutations_between_pipelined_sends_keep_seqs_gapless(pool):
     assert [e.seq for e in published] == sorted(e.seq for e in published)
     rows = await pool.fetch("SELECT user_id FROM members WHERE room_id = %s AND left_seq IS NULL ORDER BY user_id", (room,))
     assert [r["user_id"] for r in rows] == ["alice", "bob", "dave", "erin"]
+
+
+async def _stream(writer, room, total, per_ms, tag):
+    """Submit ``total`` sends, ``per_ms`` about every millisecond; wait for every answer."""
+    results: dict[int, dict] = {}
+    done = trio.Event()
+
+    def answer(i):
+        def on_done(result, error):
+            assert error is None, error
+            results[i] = result
+            if len(results) == total:
+                done.set()
+        return on_done
+
+    for i in range(total):
+        writer.submit(mu.Send(user_id="alice" if i % 2 else "bob", client_id=f"{tag}{i}", room_id=room, body=str(i), on_done=answer(i)))
+        if i % per_ms == per_ms - 1:
+            await trio.sleep(0.001)
+    await done.wait()
+    return writer.batches, writer.lingered, [results[i]["seq"] for i in range(total)]
+
+
+async def test_a_steady_stream_of_sends_lingers_into_fewer_fuller_batches(pool):
+    room = await _setup_room(pool)
+    total = 400
+    with trio.fail_after(60):
+        (plain_batches, plain_lingered, _), _ = await _run_writer(pool, lambda w: _stream(w, room, total, 4, "plain"))
+        (batches, lingered, seqs), published = await _run_writer(pool, lambda w: _stream(w, room, total, 4, "linger"), linger=0.03)
+    assert plain_lingered == 0  # linger 0: never waits
+    assert lingered > 0
+    assert batches < plain_batches, (batches, plain_batches)
+    assert seqs == list(range(seqs[0], seqs[0] + total))  # gapless, in the order sent
+    assert [e.seq for e in published if e.kind == "message"] == seqs
+
+
+async def test_a_lingering_batch_starts_once_the_expected_mutations_have_arrived(pool):
+    # A 1 s linger, but at a send a millisecond a batch of max_batch=6 is expected
+    # within ~6 ms: each lingering batch must start once its six are queued. Only
+    # the last one, short of six when the stream ends, may wait the whole second.
+    room = await _setup_room(pool)
+    with trio.fail_after(30):
+        start = trio.current_time()
+        (_, lingered, seqs), _ = await _run_writer(pool, lambda w: _stream(w, room, 48, 1, "fill"), linger=1.0, max_batch=6)
+        took = trio.current_time() - start
+    assert took < lingered * 1.0, f"{lingered} lingering batches took {took:.2f}s: they waited out the linger"
+    assert lingered >= 2
+    assert seqs == list(range(seqs[0], seqs[0] + 48))
+
+
+async def test_a_send_on_a_quiet_writer_does_not_linger(pool):
+    room = await _setup_room(pool)
+
+    async def work(writer):
+        for i in range(5):
+            await trio.sleep(0.2)  # 5 sends a second: far below two per linger
+            await writer.run(mu.Send(user_id="alice", client_id=f"q{i}", room_id=room, body="x"))
+        return writer.lingered
+
+    with trio.fail_after(30):
+        lingered, _ = await _run_writer(pool, work, linger=0.02)
+    assert lingered == 0
