@@ -251,8 +251,8 @@ class _Pace:
     fuller batches save most of the writer's and the database's work per message.
     The arrival rate is measured from one batch's start to the next. A batch waits
     only while more mutations are expected within ``linger`` than are queued, and
-    only until they have arrived: a lone send on a quiet server, or a backlog that
-    queued during the last commit, starts at once.
+    only until they have arrived: a lone send on a quiet server, or a backlog at
+    least that large (what queued during a slow commit), starts at once.
     """
 
     __slots__ = ("count", "time")
