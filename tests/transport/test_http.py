@@ -43,3 +43,4 @@ async def test_metrics_count_connections_and_deliveries(chatd_server):
     deliveries = [l for l in text.splitlines() if l.startswith("chatd_deliveries_total")]
     assert deliveries and float(deliveries[0].split()[-1]) >= 3  # room_created, member_joined, message
     assert 'chatd_gc_max_pause_seconds{generation="2"}' in text
+    assert "chatd_writer_batches_total" in text and "chatd_writer_lingered_total" in text
