@@ -75,8 +75,7 @@ class Writer:
         self.max_in_flight = 0
         self._outstanding = 0  # submitted, not yet answered
         self._submitted = 0
-        self._taken = 0  # submitted mutations that joined a batch
-        self._want = 0  # while a batch lingers: queued mutations that end the wait
+        self._wake_at = 0  # while a batch lingers: the submission count that ends the wait
         self._filled = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -89,8 +88,8 @@ class Writer:
         offer(self._send, mutation, busy="server busy: too many pending writes", retry_after=0.5)
         self._outstanding += 1
         self._submitted += 1
-        if self._want and self._submitted - self._taken >= self._want:
-            self._want = 0
+        if self._submitted == self._wake_at:
+            self._wake_at = 0
             self._filled.set()
         if self._idle.is_set():
             self._idle = trio.Event()
@@ -140,23 +139,23 @@ class Writer:
                 await slots.acquire()
                 await ended.wait()
                 if self.linger:
-                    await self._linger(pace)
+                    await self._linger(pace, receive)
                 batch = take_ready(receive, [first], self.max_batch)
-                self._taken += len(batch)
                 before_answered, ended, answered = answered, trio.Event(), trio.Event()
                 nursery.start_soon(self._run, batch, before_answered, ended, answered, slots)
             await answered.wait()
 
-    async def _linger(self, pace: _Pace) -> None:
+    async def _linger(self, pace: _Pace, receive: trio.MemoryReceiveChannel[Mutation]) -> None:
         """Wait up to ``linger`` for as many mutations as the arrival rate promises."""
         want = min(pace.expected(self._submitted, self.linger), self.max_batch)
-        if want < 2 or self._submitted - self._taken >= want:
+        queued = receive.statistics().current_buffer_used + 1  # the batch's first is taken already
+        if want <= queued:
             return
         self.lingered += 1
-        self._want, self._filled = want, trio.Event()
+        self._wake_at, self._filled = self._submitted + want - queued, trio.Event()
         with trio.move_on_after(self.linger):
             await self._filled.wait()
-        self._want = 0
+        self._wake_at = 0
 
     async def _run(
         self, batch: list[Mutation], before_answered: trio.Event, ended: trio.Event, answered: trio.Event, slots: trio.Semaphore
