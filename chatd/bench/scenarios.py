@@ -231,6 +231,7 @@ class Idle:
             "disconnect_pings_answered": ping["n"],
             "disconnect_ping_p99_ms": ping["p99"], "disconnect_ping_max_ms": round(longest, 3),
             "disconnect_max_gc_pause_ms": gc["max_gc_pause_ms"], "disconnect_max_gc_pause_cpu_ms": gc["max_gc_pause_cpu_ms"],
+            "disconnect_max_gc_pause_generation": gc["max_gc_pause_generation"],
         }
 
 

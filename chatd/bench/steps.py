@@ -88,9 +88,10 @@ def merge_reports(reports: list[dict]) -> dict:
 
 
 def gc_fields(target, start_ns: int, end_ns: int) -> dict:
-    """The longest GC pause of the step, wall time and the collector's CPU time."""
-    wall, cpu = target.gc_pause_ms(start_ns, end_ns)
-    return {"max_gc_pause_ms": wall, "max_gc_pause_cpu_ms": cpu}
+    """The longest GC pause of the step, wall time and the collector's CPU time, and the
+    generation of the collection that took that CPU time."""
+    wall, cpu, generation = target.gc_pause_ms(start_ns, end_ns)
+    return {"max_gc_pause_ms": wall, "max_gc_pause_cpu_ms": cpu, "max_gc_pause_generation": generation}
 
 
 def latency_fields(prefix: str, counts: dict, max_us: int | None) -> dict:

@@ -91,9 +91,10 @@ class Target:
     def db_rss(self) -> int | None:
         return None
 
-    def gc_pause_ms(self, start_ns: int, end_ns: int) -> tuple[float | None, float | None]:
-        """Longest GC pause in the window: (wall ms, CPU ms); None where not measured."""
-        return None, None
+    def gc_pause_ms(self, start_ns: int, end_ns: int) -> tuple[float | None, float | None, int | None]:
+        """Longest GC pause in the window: (wall ms, CPU ms, generation of the longest
+        in CPU time); None where not measured."""
+        return None, None, None
 
     def db_sampler(self) -> dbwatch.Sampler | None:
         """A sampler of the server's database activity for one step; None without a database."""
@@ -157,11 +158,11 @@ class ChatdTarget(Target):
 
         return dbwatch.Sampler(dbwatch.embedded_conninfo(self.state, DatabaseConfig().name))
 
-    def gc_pause_ms(self, start_ns: int, end_ns: int) -> tuple[float | None, float | None]:
+    def gc_pause_ms(self, start_ns: int, end_ns: int) -> tuple[float | None, float | None, int | None]:
         pauses = gcwatch.read_pauses(str(self.gc_log), start_ns, end_ns)
-        wall = max((p for _, p, _ in pauses), default=0)
-        cpu = max((c for _, _, c in pauses), default=0)
-        return round(wall / 1e6, 2), round(cpu / 1e6, 2)
+        wall = max((p for _, p, _, _ in pauses), default=0)
+        cpu, generation = max(((c, g) for _, _, c, g in pauses), default=(0, None))
+        return round(wall / 1e6, 2), round(cpu / 1e6, 2), generation
 
     def stop(self) -> None:
         # chatd stops its embedded PostgreSQL on SIGTERM; should it be killed instead,

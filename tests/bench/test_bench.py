@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 
-from chatd.bench import stats
+from chatd.bench import gcwatch, stats
 
 STEP_KEYS = {
     "offered_rate", "achieved_rate", "deliveries_per_s", "server_cpu_us_per_delivery", "server_rss_bytes",
     "rss_bytes_per_conn", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "latency_p999_ms",
-    "latency_max_ms", "errors", "slow_consumer_closes", "max_gc_pause_ms", "max_gc_pause_cpu_ms", "loader_cpu_pct",
+    "latency_max_ms", "errors", "slow_consumer_closes", "max_gc_pause_ms", "max_gc_pause_cpu_ms", "max_gc_pause_generation",
+    "loader_cpu_pct",
 }
 
 
@@ -30,6 +33,26 @@ def test_percentiles_match_the_samples_within_one_percent():
         assert got[key] == pytest.approx(exact, rel=0.01, abs=0.002)
     assert got["max"] == samples[-1] / 1000
     assert got["n"] == len(samples)
+
+
+def test_the_gc_log_gives_each_pause_its_generation_and_cpu_time(tmp_path):
+    log = tmp_path / "gc.log"
+    hook = gcwatch.install(str(log), 0)
+    was_enabled = gc.isenabled()
+    gc.disable()  # only the three collections below
+    try:
+        start = time.monotonic_ns()
+        for generation in (0, 1, 2):
+            gc.collect(generation)
+        end = time.monotonic_ns()
+    finally:
+        gc.callbacks.remove(hook)
+        if was_enabled:
+            gc.enable()
+    pauses = gcwatch.read_pauses(str(log), start, end)
+    assert [g for _, _, _, g in pauses] == [0, 1, 2]
+    assert all(0 < cpu <= wall + 1_000_000 for _, wall, cpu, _ in pauses)
+    assert gcwatch.read_pauses(str(log), end + 1, end + 10**9) == []  # only the window's pauses
 
 
 def _quick(scenario: str, work_dir) -> dict:
@@ -55,6 +78,7 @@ def test_quick_fanout_prints_one_json_object_with_the_documented_figures(tmp_pat
     assert first["server_cpu_us_per_delivery"] > 0 and first["server_rss_bytes"] > 0
     assert first["max_gc_pause_ms"] is not None
     assert 0 <= first["max_gc_pause_cpu_ms"] <= first["max_gc_pause_ms"] + 1  # CPU time cannot exceed wall time
+    assert first["max_gc_pause_generation"] in (0, 1, 2)  # chatd collects every 0.02 s: a step has logged pauses
     # PostgreSQL was sampled through the step (20 samples a second; docs/performance.md).
     assert first["db_watch_error"] is None and first["db_samples"] >= 10, first
     assert 0 <= first["db_busy_pct"] <= 100
