@@ -22,7 +22,7 @@ from psycopg import errors as pgerr
 from chatd import errors
 from chatd.domain.model import RoomEvent
 from chatd.store import reads
-from chatd.store.driver import TrioConnection
+from chatd.store.driver import JSONB_OID, Statement, TrioConnection
 
 log = structlog.get_logger("chatd.store")
 
@@ -193,11 +193,11 @@ class Send(Mutation):
 # by itself, so a batch of sends is one round trip to the database. A key that a
 # concurrent transaction committed meanwhile fails the statement (unique
 # violation): the writer retries the batch, which then finds it as a duplicate.
-_SEND_SQL = """
+_SEND = Statement("chatd_send_batch", """
 WITH t AS (
     SELECT (e->>0)::int AS ord, (e->>1)::bigint AS room_id, e->>2 AS user_id, e->>3 AS body,
            (e->>4)::bigint AS reply_to, e->>5 AS client_id
-    FROM jsonb_array_elements(%s::jsonb) AS e),
+    FROM jsonb_array_elements($1::jsonb) AS e),
 looked_up AS MATERIALIZED (
     SELECT t.*,
            (SELECT i.result FROM idempotency i WHERE i.user_id = t.user_id AND i.client_id = t.client_id) AS previous,
@@ -230,14 +230,17 @@ ev AS (
 idem AS (
     INSERT INTO idempotency (user_id, client_id, command, result)
     SELECT user_id, client_id, 'send', jsonb_build_object('seq', seq, 'at', extract(epoch FROM now())::float8)
-    FROM numbered)
-SELECT ord, NULL::jsonb AS previous, true AS member, seq, extract(epoch FROM now())::float8 AS at FROM numbered
-UNION ALL
-SELECT ord, previous, joined_seq IS NOT NULL, NULL, NULL FROM checked WHERE NOT ok
-"""
+    FROM numbered),
+outcome AS (
+    SELECT ord, NULL::jsonb AS previous, true AS member, seq, extract(epoch FROM now())::float8 AS at FROM numbered
+    UNION ALL
+    SELECT ord, previous, joined_seq IS NOT NULL, NULL, NULL FROM checked WHERE NOT ok)
+SELECT coalesce(json_agg(json_build_array(ord, previous, member, seq, at)), '[]')::text FROM outcome
+""", [JSONB_OID])
 
 
 _json_rows = msgspec.json.Encoder().encode
+_json_outcomes = msgspec.json.Decoder().decode
 
 
 async def send_batch(tx: Tx, sends: list[Send]) -> list[tuple[Any, errors.ChatdError | None]]:
@@ -254,32 +257,31 @@ async def send_batch(tx: Tx, sends: list[Send]) -> list[tuple[Any, errors.ChatdE
             first_in_batch[key] = i
             fresh.append(i)
     try:
-        # One JSON document, encoded in C and parsed by PostgreSQL: psycopg adapts
-        # list parameters element by element in Python.
-        rows = await tx.fetchall(_SEND_SQL, (_json_rows(
+        # One JSON document each way, encoded and decoded in C: psycopg adapts list
+        # parameters element by element in Python, and builds a row object per row.
+        reply = await tx.conn.run_statement(_SEND, [_json_rows(
             [(k, s.room_id, s.user_id, s.body, s.reply_to, s.client_id) for k, s in enumerate(sends[i] for i in fresh)]
-        ).decode(),))
+        )])
     except pgerr.UniqueViolation as exc:
         if exc.diag.table_name != "idempotency":
             raise
         raise errors.Contention("idempotency key committed concurrently") from exc
     events = tx.events
-    for row in rows:
-        i = fresh[row["ord"]]
+    for ord_, previous, member, seq, at in _json_outcomes(reply.get_value(0, 0)):
+        i = fresh[ord_]
         s = sends[i]
-        if row["previous"] is not None:
-            outcomes[i] = ({**row["previous"], "duplicate": True}, None)
-        elif not row["member"]:
+        if previous is not None:
+            outcomes[i] = ({**previous, "duplicate": True}, None)
+        elif not member:
             outcomes[i] = (None, errors.NotFound("no such room", room_id=s.room_id))
-        elif row["seq"] is None:
+        elif seq is None:
             outcomes[i] = (None, errors.NotFound("reply_to names no message you can see", field="$.reply_to"))
         else:
-            at = row["at"]
-            outcomes[i] = ({"seq": row["seq"], "at": at, "duplicate": False}, None)
+            outcomes[i] = ({"seq": seq, "at": at, "duplicate": False}, None)
             data: dict[str, Any] = {"body": s.body}
             if s.reply_to is not None:
                 data["reply_to"] = s.reply_to
-            events.append(RoomEvent(s.room_id, row["seq"], "message", s.user_id, at, data))
+            events.append(RoomEvent(s.room_id, seq, "message", s.user_id, at, data))
     for retry, first in twins:
         result, error = outcomes[first]
         outcomes[retry] = ({**result, "duplicate": True} if result else None, error)

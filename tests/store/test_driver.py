@@ -4,6 +4,7 @@ import pytest
 import trio
 
 from chatd import errors
+from chatd.store.driver import Statement
 from chatd.store.pool import open_pool
 
 
@@ -37,6 +38,53 @@ async def test_concurrent_use_of_the_pool(pool):
                 nursery.start_soon(worker, i)
     assert sorted(results) == list(range(20))
     assert pool.in_use == 0
+
+
+_ADD = Statement("test_add", "INSERT INTO n (x) VALUES ($1::int + 1) RETURNING x", [23])
+
+
+async def test_a_prepared_statement_is_prepared_once_per_connection_and_runs_like_execute(pool):
+    await pool.execute("CREATE TABLE n (x int PRIMARY KEY)")
+    async with pool.connection() as conn:
+        assert (await conn.run_statement(_ADD, [b"41"])).get_value(0, 0) == b"42"
+        assert (await conn.run_statement(_ADD, [b"1"])).get_value(0, 0) == b"2"
+        cur = await conn.execute("SELECT count(*) AS n FROM pg_prepared_statements WHERE name = 'test_add'")
+        assert (await cur.fetchone())["n"] == 1
+    # Autocommit: each run committed by itself; a failed run is a psycopg error,
+    # mapped like any other by the pool, and the connection stays usable.
+    with pytest.raises(errors.Conflict):
+        async with pool.connection() as conn:
+            await conn.run_statement(_ADD, [b"41"])
+    async with pool.connection() as conn:
+        assert (await conn.run_statement(_ADD, [b"99"])).get_value(0, 0) == b"100"
+    assert await pool.fetch("SELECT x FROM n ORDER BY x") == [{"x": 2}, {"x": 42}, {"x": 100}]
+
+
+async def test_a_prepared_statement_inside_a_transaction_is_rolled_back_with_it(pool):
+    await pool.execute("CREATE TABLE n (x int PRIMARY KEY)")
+    with pytest.raises(RuntimeError):
+        async with pool.transaction() as conn:
+            await conn.run_statement(_ADD, [b"1"])
+            raise RuntimeError("boom")
+    assert await pool.fetch("SELECT count(*) AS n FROM n") == [{"n": 0}]
+
+
+async def test_a_cancelled_prepared_statement_is_cancelled_on_the_server(pool):
+    sleep = Statement("test_sleep", "SELECT pg_sleep($1::float8)", [701])
+    with trio.fail_after(10):
+        with trio.move_on_after(0.3) as scope:
+            async with pool.connection() as conn:
+                pid = conn.pgconn.backend_pid
+                await conn.run_statement(sleep, [b"30"])
+        assert scope.cancelled_caught
+        rows = await pool.fetch(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE pid = %s AND state = 'active' AND query LIKE %s",
+            (pid, "%pg_sleep($1%"),
+        )
+        assert rows == [{"n": 0}]
+        async with pool.connection() as conn:
+            assert conn.pgconn.backend_pid == pid  # the same connection, still usable
+            assert (await conn.run_statement(sleep, [b"0"])).ntuples == 1
 
 
 async def test_cancel_mid_query_cancels_on_server_and_pool_stays_healthy(pool):
