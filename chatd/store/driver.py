@@ -147,7 +147,8 @@ class TrioConnection(psycopg.AsyncConnection):
         parameters and return its result, without psycopg's cursors.
 
         For the hottest statement (a batch of sends): psycopg's cursor path (query
-        conversion, adaptation, row objects) costs more client CPU than the round trip.
+        conversion, adaptation, row objects) costs about as much client CPU as the
+        round trip itself.
         The statement runs as its own command: in autocommit mode it commits by itself,
         inside a transaction it joins it. Raises psycopg errors, like ``execute``.
         """
