@@ -23,6 +23,7 @@ from chatd.service.runtime import Service
 from chatd.transport.session import handle_connection
 from chatd.transport.upgrade import accept_websocket
 from chatd.transport.cork import corked
+from chatd.transport.readiness import ReadHub
 from chatd.transport.websocket import WebSocketConnection
 
 log = structlog.get_logger("chatd.ws")
@@ -50,6 +51,7 @@ class Listener:
         self.connections: set[WebSocketConnection] = set()
         self.accept_scope = trio.CancelScope()
         self.conn_nursery: trio.Nursery | None = None
+        self.hub = ReadHub()  # read readiness of every connection (chatd/transport/readiness.py)
         self._empty = trio.Event()
         self._empty.set()
         # Made once: a closure per connection would be two more objects per socket.
@@ -94,6 +96,7 @@ class Listener:
                 close_timeout=cfg.close_timeout,
                 path_check=self._path_check,
                 slow_reason=_resume_sync,
+                hub=self.hub,
             )
         except errors.ChatdError:
             return None  # answered (400/404/426/...) or timed out; the stream is closed
@@ -165,14 +168,18 @@ async def serve_websocket(cfg: WebSocketConfig, service: Service, scope: trio.Ca
     listener = Listener(cfg, service, port)
     service.writer.hold = partial(_held_writes, service)
     try:
-        async with trio.open_nursery() as conn_nursery:
-            listener.conn_nursery = conn_nursery
-            task_status.started(listener)
-            with listener.accept_scope:
-                async with trio.open_nursery() as accepting:
-                    for sock in sockets:
-                        accepting.start_soon(listener.accept, sock)
-            _close(sockets)  # draining: the port is free while connections finish
+        # The hub serves every connection's reads, so it outlives the connections.
+        async with trio.open_nursery() as hub_nursery:
+            hub_nursery.start_soon(listener.hub.run)
+            async with trio.open_nursery() as conn_nursery:
+                listener.conn_nursery = conn_nursery
+                task_status.started(listener)
+                with listener.accept_scope:
+                    async with trio.open_nursery() as accepting:
+                        for sock in sockets:
+                            accepting.start_soon(listener.accept, sock)
+                _close(sockets)  # draining: the port is free while connections finish
+            hub_nursery.cancel_scope.cancel()
     finally:
         _close(sockets)
 

@@ -10,6 +10,7 @@ import trio
 
 from chatd.errors import Timeout
 from chatd.protocol import websocket as ws
+from chatd.transport.readiness import ReadHub
 from chatd.transport.sockio import RECEIVE_SIZE, raw_recv, raw_send
 from chatd.transport.websocket import ConnectionClosed, WebSocketConnection
 
@@ -25,6 +26,7 @@ async def accept_websocket(
     subprotocols: Sequence[str] = (),
     slow_reason: Callable[[], str] | None = None,
     max_handshake_size: int = 16384,
+    hub: ReadHub | None = None,
 ) -> WebSocketConnection:
     """Perform the server handshake on ``stream`` and return the open connection.
 
@@ -72,6 +74,7 @@ async def accept_websocket(
         close_timeout=close_timeout,
         subprotocol=chosen,
         slow_reason=slow_reason,
+        hub=hub,
     )
 
 

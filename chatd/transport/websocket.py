@@ -13,6 +13,10 @@ A connection's nursery runs the writer next to the task that calls ``receive``
 after ``write_on_demand(nursery)``, a writer task started only while something is
 pending and ending once it is flushed - an idle connection then costs no task at
 all. When the reader ends, cancel the scope and ``close()``.
+
+Reads: given a :class:`~chatd.transport.readiness.ReadHub`, ``receive`` parks until
+the hub reports the socket readable (registered once, edge-triggered); without one
+it waits through trio's ``wait_readable``.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NoReturn
 
+import outcome
 import trio
 
 from chatd.errors import ChatdError
 from chatd.protocol import websocket as ws
 from chatd.transport import cork
+from chatd.transport.readiness import ReadHub
 from chatd.transport.sockio import RECEIVE_SIZE, raw_recv, raw_send
 
 _STARTING = object()  # _writer_task while an on-demand writer is started but not yet running
@@ -61,7 +67,7 @@ class WebSocketConnection:
         "_stream", "_sock", "_send", "_reader", "_max_pending", "_close_timeout",
         "_slow_reason", "_direct", "_state", "_pending", "_pending_size", "_partial_head",
         "_slow", "_write_failed", "_writer_task", "_writer_nursery", "_parked", "_flushing", "_drained", "_receiving",
-        "_peer_closed", "_peer_close_event", "_close_done", "_inbox", "_inbox_pos",
+        "_peer_closed", "_peer_close_event", "_close_done", "_inbox", "_inbox_pos", "_hub", "_readable", "_read_task",
     )  # fmt: skip
 
     def __init__(
@@ -74,6 +80,7 @@ class WebSocketConnection:
         close_timeout: float,
         subprotocol: str | None = None,
         slow_reason: Callable[[], str] | None = None,
+        hub: ReadHub | None = None,
     ) -> None:
         self.path = handshake.path  # not the whole request: its headers would stay with every socket
         self.subprotocol = subprotocol
@@ -106,6 +113,13 @@ class WebSocketConnection:
         self._close_done: trio.Event | None = None
         self._inbox: list[tuple[int, bytes]] | None = None
         self._inbox_pos = 0
+        # With a hub, receive() parks until the hub reports the socket readable;
+        # without one it waits through trio's wait_readable.
+        self._readable = False
+        self._read_task: trio.lowlevel.Task | None = None
+        self._hub = hub
+        if hub is not None:
+            hub.watch(self._sock.fileno(), self)
 
     @property
     def pending_bytes(self) -> int:
@@ -337,14 +351,23 @@ class WebSocketConnection:
             # Wait here, not in a helper: every parked reader keeps this stack.
             self._receiving = True
             try:
-                await trio.lowlevel.wait_readable(self._sock)
+                if self._hub is None:
+                    await trio.lowlevel.wait_readable(self._sock)
+                elif self._readable:
+                    await trio.lowlevel.checkpoint()  # more may be waiting: read it after others ran
+                else:
+                    self._read_task = trio.lowlevel.current_task()
+                    await trio.lowlevel.wait_task_rescheduled(self._abort_read)
                 data = raw_recv(self._sock)
             except BlockingIOError:
+                self._readable = False
                 continue  # a spurious wake-up
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 await self._receive_failed(exc)
             finally:
                 self._receiving = False
+            if len(data) < RECEIVE_SIZE:
+                self._readable = False  # drained: the next arrival is a new edge for the hub
             if not data:
                 await self._receive_failed(None)
             self._reader.feed(data)
@@ -359,6 +382,18 @@ class WebSocketConnection:
                 return msgs[0]  # the common case: one binary message per read
             self._inbox = msgs
             self._inbox_pos = 0
+
+    def read_ready(self) -> None:
+        """The hub saw the socket become readable (or hang up): wake a parked receive."""
+        self._readable = True
+        task = self._read_task
+        if task is not None:
+            self._read_task = None
+            trio.lowlevel.reschedule(task)
+
+    def _abort_read(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        self._read_task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def _receive_failed(self, exc: BaseException | None) -> NoReturn:
         """The socket read failed (``exc``) or hit EOF (None): close and raise."""
@@ -440,6 +475,13 @@ class WebSocketConnection:
         # closed connection (when 19,000 clients drop at once that was a task each).
         self._writer_nursery = None
         self._wake_writer()
+        if self._hub is not None:
+            # Before the close: the descriptor number may be reused at once.
+            self._hub.unwatch(self._sock.fileno())
+            self._hub = None
+            task, self._read_task = self._read_task, None
+            if task is not None:
+                trio.lowlevel.reschedule(task, outcome.Error(trio.ClosedResourceError("the connection was closed")))
         # SocketStream.aclose() is socket.close() plus a checkpoint; the plain
         # close cannot be interrupted by a cancellation that is under way.
         self._stream.socket.close()

@@ -28,6 +28,7 @@ from chatd.errors import Timeout
 from chatd.protocol import websocket as ws
 from chatd.transport.upgrade import accept_websocket
 from chatd.transport.cork import corked
+from chatd.transport.readiness import ReadHub
 from chatd.transport.sockio import raw_send
 from chatd.transport.websocket import ConnectionClosed, WebSocketConnection
 
@@ -41,6 +42,7 @@ class EchoServer:
     sndbuf: int | None = None
     echo: bool = True
     on_demand: bool = False  # writer started only while frames are pending (chatd's mode)
+    hub: ReadHub | None = None  # reads woken by the read hub (chatd's mode), else by trio
     conns: list[WebSocketConnection] = field(default_factory=list)
     ended: list[tuple[int | None, str]] = field(default_factory=list)
     refused: list[Exception] = field(default_factory=list)
@@ -59,6 +61,7 @@ class EchoServer:
                 path_check=lambda path: path == "/ws",
                 subprotocols=["chatd.v1"],
                 slow_reason=self.resume_hint,
+                hub=self.hub,
             )
         except (ws.HandshakeError, Timeout, ConnectionClosed) as exc:
             self.refused.append(exc)
@@ -93,9 +96,12 @@ class EchoServer:
             pass
 
 
-@pytest.fixture(params=["parked_writer", "writer_on_demand"])
+@pytest.fixture(params=["parked_writer", "writer_on_demand", "on_demand_with_read_hub"])
 async def server(request, nursery: trio.Nursery) -> AsyncIterator[EchoServer]:
-    srv = EchoServer(on_demand=request.param == "writer_on_demand")
+    srv = EchoServer(on_demand=request.param != "parked_writer")
+    if request.param == "on_demand_with_read_hub":
+        srv.hub = ReadHub()
+        nursery.start_soon(srv.hub.run)
     listeners = await nursery.start(partial(trio.serve_tcp, srv.handle, 0, host="127.0.0.1"))
     srv.port = listeners[0].socket.getsockname()[1]
     yield srv
@@ -498,3 +504,59 @@ async def test_peers_vanishing_together_start_no_task_on_the_way_out(server: Ech
             trio.lowlevel.remove_instrument(counter)
         assert [code for code, _ in server.ended] == [ws.CLOSE_ABNORMAL] * 20
         assert not [name for name in counter.spawned if "_write" in name], counter.spawned
+
+
+async def test_a_message_larger_than_one_read_arrives_whole(server: EchoServer) -> None:
+    # 300 KB is several 64 KB reads: with the read hub, a full read leaves the socket
+    # marked readable and the next read takes the rest without waiting for an edge.
+    with trio.fail_after(10):
+        client = await WsprotoClient.connect(server.port)
+        assert isinstance(await client.next_event(), AcceptConnection)
+        big = bytes(range(256)) * 1200
+        for _ in range(3):
+            await client.send(BytesMessage(data=big))
+            got = b""
+            while len(got) < len(big):
+                event = await client.next_event()
+                got += bytes(event.data)
+            assert got == big
+
+
+async def test_many_connections_read_through_one_wakeup_each_get_their_own_messages(server: EchoServer) -> None:
+    with trio.fail_after(20):
+        clients = [await WsprotoClient.connect(server.port) for _ in range(50)]
+        for client in clients:
+            assert isinstance(await client.next_event(), AcceptConnection)
+        for rounds in range(3):
+            for i, client in enumerate(clients):  # all sent before any is read back
+                await client.send(BytesMessage(data=b"%d:%d" % (i, rounds)))
+            for i, client in enumerate(clients):
+                event = await client.next_event()
+                assert bytes(event.data) == b"%d:%d" % (i, rounds)
+        if server.hub is not None:
+            assert server.hub.watching == 50
+
+
+async def test_closing_a_connection_wakes_its_parked_reader_and_frees_its_descriptor(server: EchoServer) -> None:
+    with trio.fail_after(10):
+        first = await WsprotoClient.connect(server.port)
+        assert isinstance(await first.next_event(), AcceptConnection)
+        while not server.conns:
+            await trio.sleep(0.01)
+        conn = server.conns[0]
+        await conn.close(4000, "server side")  # its reader is parked in receive() meanwhile
+        while not server.ended:
+            await trio.sleep(0.01)
+        assert server.ended == [(4000, "server side")]
+        if server.hub is not None:
+            assert server.hub.watching == 0
+        # The next connection likely gets the same descriptor number; its reads reach it.
+        second = await WsprotoClient.connect(server.port)
+        assert isinstance(await second.next_event(), AcceptConnection)
+        while len(server.conns) < 2:
+            await trio.sleep(0.01)
+        await second.send(BytesMessage(data=b"after reuse"))
+        assert bytes((await second.next_event()).data) == b"after reuse"
+        if server.hub is not None:
+            assert server.hub.watching == 1
+
