@@ -78,7 +78,9 @@ def test_quick_fanout_prints_one_json_object_with_the_documented_figures(tmp_pat
     assert first["server_cpu_us_per_delivery"] > 0 and first["server_rss_bytes"] > 0
     assert first["max_gc_pause_ms"] is not None
     assert 0 <= first["max_gc_pause_cpu_ms"] <= first["max_gc_pause_ms"] + 1  # CPU time cannot exceed wall time
-    assert first["max_gc_pause_generation"] in (0, 1, 2)  # chatd collects every 0.02 s: a step has logged pauses
+    # The generation of the longest logged pause; none when no collection reached 0.1 ms.
+    expected = (0, 1, 2) if first["max_gc_pause_ms"] > 0 else (None,)
+    assert first["max_gc_pause_generation"] in expected
     # PostgreSQL was sampled through the step (20 samples a second; docs/performance.md).
     assert first["db_watch_error"] is None and first["db_samples"] >= 10, first
     assert 0 <= first["db_busy_pct"] <= 100
