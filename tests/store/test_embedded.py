@@ -302,6 +302,19 @@ def postgres_processes_of(data_dir: Path) -> list[int]:
     return found
 
 
+def describe_processes(pids: list[int]) -> list[str]:
+    """Each process's /proc stat line and command line, for a failure message."""
+    out = []
+    for pid in pids:
+        try:
+            stat_line = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            out.append(f"{stat_line.strip()} | {cmdline.strip()}")
+        except OSError as err:
+            out.append(f"{pid}: gone ({err.strerror})")
+    return out
+
+
 async def test_cancel_at_any_point_of_start_leaves_nothing_running(state_dir):
     # Cancel before and during initdb, then (with a data dir) during and just after start-up;
     # nothing may keep running and the next start must recover.
@@ -310,7 +323,8 @@ async def test_cancel_at_any_point_of_start_leaves_nothing_running(state_dir):
             with trio.move_on_after(delay):
                 async with open_embedded_postgres(state_dir):
                     await trio.sleep_forever()
-        assert postgres_processes_of(state_dir) == []
+        left = postgres_processes_of(state_dir)
+        assert left == [], f"cancelled after {delay} s, still running: {describe_processes(left)}"
     with trio.fail_after(30):
         async with open_embedded_postgres(state_dir) as server:
             assert query(server, "SELECT 1") == [(1,)]
