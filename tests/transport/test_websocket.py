@@ -510,8 +510,7 @@ async def test_a_message_larger_than_one_read_arrives_whole(server: EchoServer) 
     # 300 KB is several 64 KB reads: with the read hub, a full read leaves the socket
     # marked readable and the next read takes the rest without waiting for an edge.
     with trio.fail_after(10):
-        client = await WsprotoClient.connect(server.port)
-        assert isinstance(await client.next_event(), AcceptConnection)
+        [client] = await _accepted_clients(server, 1)
         big = bytes(range(256)) * 1200
         for _ in range(3):
             await client.send(BytesMessage(data=big))
@@ -524,9 +523,7 @@ async def test_a_message_larger_than_one_read_arrives_whole(server: EchoServer) 
 
 async def test_many_connections_read_through_one_wakeup_each_get_their_own_messages(server: EchoServer) -> None:
     with trio.fail_after(20):
-        clients = [await WsprotoClient.connect(server.port) for _ in range(50)]
-        for client in clients:
-            assert isinstance(await client.next_event(), AcceptConnection)
+        clients = await _accepted_clients(server, 50)
         for rounds in range(3):
             for i, client in enumerate(clients):  # all sent before any is read back
                 await client.send(BytesMessage(data=b"%d:%d" % (i, rounds)))
@@ -539,10 +536,7 @@ async def test_many_connections_read_through_one_wakeup_each_get_their_own_messa
 
 async def test_closing_a_connection_wakes_its_parked_reader_and_frees_its_descriptor(server: EchoServer) -> None:
     with trio.fail_after(10):
-        first = await WsprotoClient.connect(server.port)
-        assert isinstance(await first.next_event(), AcceptConnection)
-        while not server.conns:
-            await trio.sleep(0.01)
+        await _accepted_clients(server, 1)
         conn = server.conns[0]
         await conn.close(4000, "server side")  # its reader is parked in receive() meanwhile
         while not server.ended:
