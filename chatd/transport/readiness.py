@@ -28,7 +28,8 @@ MAX_EVENTS = 1024  # per epoll_wait; more are taken by the next call in the same
 
 
 class Readable(Protocol):
-    """What the hub needs of a connection: set ``ready``, wake ``read_ready``."""
+    """What the hub needs of a connection: ``read_ready()`` marks it readable and wakes
+    a reader parked on it."""
 
     def read_ready(self) -> None: ...
 
@@ -39,7 +40,6 @@ class ReadHub:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._watched: dict[int, Readable] = {}
-        self.wakeups = 0
 
     @property
     def watching(self) -> int:
@@ -49,7 +49,9 @@ class ReadHub:
         """Report readiness of ``fd`` to ``conn.read_ready()`` until :meth:`unwatch`.
 
         Readiness that exists already is reported too (epoll checks on registration).
-        Raises OSError if the descriptor cannot be registered (closed meanwhile).
+        Raises OSError for a closed descriptor. (epoll keys a registration by the open
+        socket, not only its number, and drops it when the socket closes: a new socket
+        given a number that was never unwatched registers afresh.)
         """
         self._epoll.register(fd, _EVENTS)
         self._watched[fd] = conn
@@ -68,7 +70,6 @@ class ReadHub:
         try:
             while True:
                 await trio.lowlevel.wait_readable(epoll)
-                self.wakeups += 1
                 while True:
                     events = epoll.poll(0, MAX_EVENTS)
                     for fd, _mask in events:
