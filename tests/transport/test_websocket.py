@@ -553,4 +553,3 @@ async def test_closing_a_connection_wakes_its_parked_reader_and_frees_its_descri
         assert bytes((await second.next_event()).data) == b"after reuse"
         if server.hub is not None:
             assert server.hub.watching == 1
-
