@@ -20,6 +20,7 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from chatd.store.driver import first_line
 from chatd.store.embedded import SUPERUSER
 
 INTERVAL = 0.05
@@ -91,4 +92,4 @@ class Sampler:
                     next_at = max(next_at + self.interval, time.monotonic())
                     self._stop.wait(next_at - time.monotonic())
         except psycopg.Error as exc:  # the figures say so; the step itself goes on
-            self._error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._error = first_line(exc)

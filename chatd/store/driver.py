@@ -135,7 +135,7 @@ class TrioConnection(psycopg.AsyncConnection):
             gen.close()
             raise errors.Timeout(f"database connect timed out after {connect_timeout}s") from None
         except psycopg.Error as exc:
-            raise errors.Unavailable(f"database unreachable: {_first_line(exc)}") from exc
+            raise errors.Unavailable(f"database unreachable: {first_line(exc)}") from exc
         conn.lock = trio.Lock()
         conn._autocommit = autocommit
         conn.row_factory = dict_row
@@ -185,7 +185,7 @@ class TrioConnection(psycopg.AsyncConnection):
             try:
                 pgns = await self.wait(notifies(self.pgconn))
             except psycopg.Error as exc:
-                raise errors.Unavailable(f"notification connection lost: {_first_line(exc)}") from exc
+                raise errors.Unavailable(f"notification connection lost: {first_line(exc)}") from exc
             return [psycopg.Notify(n.relname.decode(enc), n.extra.decode(enc), n.be_pid) for n in pgns]
 
     async def _cancel_and_drain(self, gen, fileno: int) -> None:
@@ -229,7 +229,8 @@ def _check(results: list[PGresult], pgconn: PGconn, status: int) -> PGresult:
     return results[-1]
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (psycopg's carry detail lines), or its type's name."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
@@ -239,12 +240,12 @@ def mapped_errors() -> Iterator[None]:
     try:
         yield
     except pgerr.UniqueViolation as exc:
-        raise errors.Conflict(_first_line(exc), constraint=exc.diag.constraint_name) from exc
+        raise errors.Conflict(first_line(exc), constraint=exc.diag.constraint_name) from exc
     except pgerr.QueryCanceled as exc:
-        raise errors.Timeout(f"database query cancelled: {_first_line(exc)}") from exc
+        raise errors.Timeout(f"database query cancelled: {first_line(exc)}") from exc
     except (pgerr.OperationalError, pgerr.InterfaceError) as exc:
-        raise errors.Unavailable(f"database unavailable: {_first_line(exc)}") from exc
+        raise errors.Unavailable(f"database unavailable: {first_line(exc)}") from exc
     except (pgerr.SerializationFailure, pgerr.DeadlockDetected) as exc:
-        raise errors.Contention(f"database contention: {_first_line(exc)}") from exc
+        raise errors.Contention(f"database contention: {first_line(exc)}") from exc
     except psycopg.Error as exc:
-        raise errors.Internal(f"database error: {_first_line(exc)}") from exc
+        raise errors.Internal(f"database error: {first_line(exc)}") from exc
