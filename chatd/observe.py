@@ -71,6 +71,10 @@ class ChatdCollector:
         yield CounterMetricFamily("chatd_writer_lingered", "Batches that waited writer.linger for more mutations before starting.", value=service.writer.lingered)
         pending = service.writer._send.statistics().current_buffer_used
         yield GaugeMetricFamily("chatd_writer_queue", "Mutations waiting for the writer.", value=pending)
+        merges = service.search_merges
+        yield CounterMetricFamily("chatd_search_merges", "Background merges of the search index's pending list.", value=merges.merges)
+        yield CounterMetricFamily("chatd_search_merged_pages", "Pending-list pages those merges moved into the search index.", value=merges.pages)
+        yield CounterMetricFamily("chatd_search_merge_failures", "Background merges of the search index's pending list that failed.", value=merges.failures)
         pool = self.server.db.pool
         yield GaugeMetricFamily("chatd_db_connections_in_use", "Pooled database connections borrowed.", value=pool.in_use)
         gc_max = GaugeMetricFamily("chatd_gc_max_pause_seconds", "Longest garbage-collector pause.", labels=["generation"])

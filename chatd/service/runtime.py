@@ -26,6 +26,7 @@ from chatd.registry.sessions import Session
 from chatd.registry.typing import Typing
 from chatd.service.hellos import HelloReads
 from chatd.service.lastseen import LastSeenWrites
+from chatd.service.maintenance import SearchIndexMerges
 from chatd.store import reads
 from chatd.store.pool import Pool
 from chatd.store.writer import Writer
@@ -88,6 +89,8 @@ class Service:
         self.hellos = HelloReads(pool)
         # A disconnect storm is one last_seen statement per batch, not a pooled write each.
         self.last_seen = LastSeenWrites(pool, timeout=config.database.query_timeout)
+        # New messages' search entries are merged here, not inside a send batch.
+        self.search_merges = SearchIndexMerges(pool, interval=config.database.search_merge_interval, timeout=config.database.query_timeout)
         self.sessions: set[Session] = set()
         self.draining = False
         self.nursery: trio.Nursery | None = None
@@ -186,6 +189,7 @@ async def open_service(config: Config, pool: Pool) -> AsyncIterator[Service]:
             await nursery.start(service.writer.serve)
             await nursery.start(service.hellos.serve)
             await nursery.start(service.last_seen.serve)
+            await nursery.start(service.search_merges.serve)
             await nursery.start(service.presence.serve)
             await nursery.start(service.typing.serve)
             yield service

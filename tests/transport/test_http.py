@@ -44,3 +44,4 @@ async def test_metrics_count_connections_and_deliveries(chatd_server):
     assert deliveries and float(deliveries[0].split()[-1]) >= 3  # room_created, member_joined, message
     assert 'chatd_gc_max_pause_seconds{generation="2"}' in text
     assert "chatd_writer_batches_total" in text and "chatd_writer_lingered_total" in text
+    assert all(f"chatd_search_{name}_total" in text for name in ("merges", "merged_pages", "merge_failures"))
