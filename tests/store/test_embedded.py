@@ -75,8 +75,9 @@ async def test_first_start_runs_initdb_and_serves_queries(state_dir):
         async with open_embedded_postgres(state_dir) as server:
             assert query(server, "SELECT 1") == [(1,)]
             assert query(server, "SELECT 1", tcp=True) == [(1,)]
-            settings = query(server, "SELECT current_user, current_setting('fsync'), current_setting('listen_addresses')")
-            assert settings == [("chatd", "on", "127.0.0.1")]
+            settings = query(server, "SELECT current_user, current_setting('fsync'), current_setting('synchronous_commit'),"
+                                     " current_setting('listen_addresses'), current_setting('wal_init_zero')")
+            assert settings == [("chatd", "on", "on", "127.0.0.1", "off")]
             assert server.data_dir == state_dir / "postgres" / "data"
             assert (server.data_dir / "PG_VERSION").read_text().strip() == "18"
             if IS_ROOT:
