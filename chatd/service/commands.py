@@ -175,7 +175,7 @@ async def sync(service: Service, session: Session, cmd: m.Sync) -> dict[str, Any
     """Missed events per listed room; a snapshot when a room is too far behind (or the
     client claims a seq past the room's end); removed and added rooms."""
     limit = cmd.limit or service.limits.sync_page_max
-    summaries, pages = await reads.sync_pages(service.pool, session.user_id, cmd.rooms, limit=limit)
+    summaries, pages = await service.syncs.read((session.user_id, cmd.rooms, limit))
     current = {r["room_id"]: r for r in summaries}
     rooms, removed = [], []
     for room_id, have in sorted(cmd.rooms.items()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, AsyncIterator, Sequence
 
 import trio
@@ -27,6 +28,7 @@ from chatd.registry.typing import Typing
 from chatd.service.hellos import HelloReads
 from chatd.service.lastseen import LastSeenWrites
 from chatd.service.maintenance import SearchIndexMerges
+from chatd.service.shared import SharedReads
 from chatd.store import reads
 from chatd.store.pool import Pool
 from chatd.store.writer import Writer
@@ -87,6 +89,8 @@ class Service:
         # Hellos that arrive together share one read (a reconnect storm is one statement
         # per batch, not per connection).
         self.hellos = HelloReads(pool)
+        # So do the syncs of clients catching up together (after a network blip).
+        self.syncs = SharedReads(partial(reads.sync_pages_many, pool), what="syncs")
         # A disconnect storm is one last_seen statement per batch, not a pooled write each.
         self.last_seen = LastSeenWrites(pool, timeout=config.database.query_timeout)
         # New messages' search entries are merged here, not inside a send batch.
@@ -188,6 +192,7 @@ async def open_service(config: Config, pool: Pool) -> AsyncIterator[Service]:
             service.nursery = nursery
             await nursery.start(service.writer.serve)
             await nursery.start(service.hellos.serve)
+            await nursery.start(service.syncs.serve)
             await nursery.start(service.last_seen.serve)
             await nursery.start(service.search_merges.serve)
             await nursery.start(service.presence.serve)

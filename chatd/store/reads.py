@@ -44,12 +44,13 @@ _EVENT_COLUMNS = """ev.room_id, ev.seq, ev.kind, ev.sender, extract(epoch FROM e
 
 
 # The caller's current rooms with last seq, read watermark and unread count
-# (RoomSummary, docs/protocol.md §5.2); {only} narrows it to %(ids)s.
+# (RoomSummary, docs/protocol.md §5.2); {only} narrows it to %(ids)s, and rooms for which
+# {uncounted} holds get a NULL unread (counting reads up to UNREAD_CAP index entries).
 _SUMMARIES_SQL = f"""
     SELECT r.id AS room_id, r.kind, r.title, r.public, m.role, r.last_seq, m.read_seq, m.joined_seq,
-           (SELECT count(*) FROM (SELECT 1 FROM events e
+           CASE WHEN {{uncounted}} THEN NULL ELSE (SELECT count(*) FROM (SELECT 1 FROM events e
                WHERE e.room_id = r.id AND e.seq > m.read_seq AND e.kind = 'message'
-                 AND e.sender <> m.user_id LIMIT {UNREAD_CAP}) u) AS unread,  -- deleted ones count (docs §5.2)
+                 AND e.sender <> m.user_id LIMIT {UNREAD_CAP}) u) END AS unread,  -- deleted ones count (docs §5.2)
            (SELECT o.user_id FROM members o WHERE r.kind = 'dm' AND o.room_id = r.id AND o.user_id <> m.user_id) AS peer
     FROM members m JOIN rooms r ON r.id = m.room_id
     WHERE m.user_id = %(user)s AND m.left_seq IS NULL {{only}}
@@ -65,7 +66,7 @@ _HELLOS_SQL = (
     "WITH u AS (SELECT DISTINCT id FROM unnest(%(users)s::text[]) AS u(id)),"
     " seen AS (INSERT INTO users (id) SELECT id FROM u ORDER BY id ON CONFLICT (id) DO NOTHING)"
     " SELECT u.id AS hello_user, coalesce((SELECT disabled FROM users WHERE users.id = u.id), false) AS disabled, s.*"
-    " FROM u LEFT JOIN LATERAL (" + _SUMMARIES_SQL.format(only="").replace("%(user)s", "u.id") + ") s ON true"
+    " FROM u LEFT JOIN LATERAL (" + _SUMMARIES_SQL.format(only="", uncounted="false").replace("%(user)s", "u.id") + ") s ON true"
 )
 
 
@@ -92,50 +93,70 @@ async def hellos(pool: Pool, user_ids: list[str]) -> dict[str, tuple[bool, list[
 async def room_summaries(pool: Pool, user_id: str, room_ids: list[int] | None = None) -> list[dict[str, Any]]:
     """The caller's current rooms with last seq, read watermark and unread count."""
     only = "AND r.id = ANY(%(ids)s)" if room_ids is not None else ""
-    rows = await pool.fetch(_SUMMARIES_SQL.format(only=only), {"user": user_id, "ids": room_ids})
+    rows = await pool.fetch(_SUMMARIES_SQL.format(only=only, uncounted="false"), {"user": user_id, "ids": room_ids})
     return _summary_rows(rows)
 
 
-# sync in one round trip: the caller's current rooms (RoomSummary columns), each listed
-# room that is behind joined with the first page of events after the seq the client has
-# (whether a room is too far behind for a page is the caller's rule). One row per
-# summary without a page, one row per event otherwise (the summary repeated);
-# %(limit)s is the page size plus one, to tell whether more follow.
+# A room the caller listed in its sync: sync answers it with events, not a summary, so
+# its unread count is not needed.
+_LISTED = "EXISTS (SELECT 1 FROM w WHERE w.caller = c.caller AND w.room_id = r.id)"
+
+# sync in one round trip, for every client that syncs at once: each caller's current
+# rooms (RoomSummary columns), each listed room that is behind joined with the first page
+# of events after the seq the client has (whether a room is too far behind for a page is
+# the caller's rule). Per caller (``sync_caller``, its index in the batch), one row per
+# summary without a page, one row per event otherwise (the summary repeated); a caller's
+# page size is its limit plus one, to tell whether more follow.
 _SYNC_SQL = f"""
-    WITH s AS ({_SUMMARIES_SQL.format(only="")}),
-    w AS (SELECT * FROM unnest(%(rooms)s::bigint[], %(haves)s::bigint[]) AS t(room_id, have))
-    SELECT s.*, e.seq, e.kind AS event_kind, e.sender, e.at, e.data, e.body, e.edited, e.deleted, e.reactions
-    FROM s LEFT JOIN w ON w.room_id = s.room_id
+    WITH c AS (SELECT * FROM unnest(%(callers)s::int[], %(users)s::text[], %(limits)s::int[]) AS c(caller, user_id, lim)),
+    w AS (SELECT * FROM unnest(%(of)s::int[], %(rooms)s::bigint[], %(haves)s::bigint[]) AS w(caller, room_id, have))
+    SELECT c.caller AS sync_caller, s.*, e.seq, e.kind AS event_kind, e.sender, e.at, e.data, e.body, e.edited, e.deleted, e.reactions
+    FROM c CROSS JOIN LATERAL ({_SUMMARIES_SQL.format(only="", uncounted=_LISTED).replace("%(user)s", "c.user_id")}) s
+    LEFT JOIN w ON w.caller = c.caller AND w.room_id = s.room_id
     LEFT JOIN LATERAL (
         SELECT {_EVENT_COLUMNS} FROM events ev
         WHERE w.have < s.last_seq AND ev.room_id = s.room_id AND ev.seq >= greatest(s.joined_seq, w.have + 1)
-        ORDER BY ev.seq LIMIT %(limit)s
+        ORDER BY ev.seq LIMIT c.lim
     ) e ON true
-    ORDER BY s.room_id, e.seq
+    ORDER BY c.caller, s.room_id, e.seq
 """
 _SUMMARY_KEYS = ("room_id", "kind", "title", "public", "role", "last_seq", "read_seq", "joined_seq", "unread", "peer")
 
+SyncPages = tuple[list[dict[str, Any]], dict[int, tuple[list[RoomEvent], bool]]]
 
-async def sync_pages(
-    pool: Pool, user_id: str, haves: dict[int, int], *, limit: int
-) -> tuple[list[dict[str, Any]], dict[int, tuple[list[RoomEvent], bool]]]:
+
+async def sync_pages(pool: Pool, user_id: str, haves: dict[int, int], *, limit: int) -> SyncPages:
     """The caller's room summaries and, for each room of ``haves`` (room id -> the seq the
     client has) that is behind, its next page of at most ``limit`` events and whether
-    more follow; all in one statement."""
-    rooms = sorted(haves)
-    rows = await pool.fetch(_SYNC_SQL, {"user": user_id, "rooms": rooms, "haves": [haves[r] for r in rooms], "limit": limit + 1})
-    summaries: list[dict[str, Any]] = []
-    pages: dict[int, tuple[list[RoomEvent], bool]] = {}
+    more follow; all in one statement. A room of ``haves`` has no unread count (None)."""
+    return (await sync_pages_many(pool, [(user_id, haves, limit)]))[0]
+
+
+async def sync_pages_many(pool: Pool, requests: list[tuple[str, dict[int, int], int]]) -> list[SyncPages]:
+    """:func:`sync_pages` for each (user_id, haves, limit) of ``requests``, in one statement."""
+    of, rooms, haves = [], [], []
+    for i, (_, have, _) in enumerate(requests):
+        for room_id in sorted(have):
+            of.append(i)
+            rooms.append(room_id)
+            haves.append(have[room_id])
+    rows = await pool.fetch(_SYNC_SQL, {
+        "callers": list(range(len(requests))), "users": [r[0] for r in requests], "limits": [r[2] + 1 for r in requests],
+        "of": of, "rooms": rooms, "haves": haves})
+    results: list[SyncPages] = [([], {}) for _ in requests]
     for row in rows:
+        summaries, pages = results[row.pop("sync_caller")]
         room_id = row["room_id"]
         if not summaries or summaries[-1]["room_id"] != room_id:
             summaries.append({k: row[k] for k in _SUMMARY_KEYS})
         if row["seq"] is not None:
             row["kind"] = row["event_kind"]
             pages.setdefault(room_id, ([], False))[0].append(event_from_row(row))
-    for room_id, (events, _) in pages.items():
-        pages[room_id] = (events[:limit], len(events) > limit)
-    return _summary_rows(summaries), pages
+    for (_, _, limit), (summaries, pages) in zip(requests, results):
+        _summary_rows(summaries)
+        for room_id, (events, _) in pages.items():
+            pages[room_id] = (events[:limit], len(events) > limit)
+    return results
 
 
 async def room_mates(pool: Pool, user_id: str, candidates: list[str]) -> list[str]:

@@ -3,6 +3,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import trio
+
+from chatd.service.shared import SharedReads
+from chatd.store import reads
 from tests.service.conftest import cid, clients, group, register, send, silent, until_seq
 from tests.wire import connect
 
@@ -207,3 +213,75 @@ async def test_sync_pages_carry_current_state_like_history_across_several_rooms(
         paged = await b.call("sync", rooms={rid: first["seq"] - 1}, limit=2)
         [entry] = paged["rooms"]
         assert entry["events"] == history[:2] and entry["has_more"] is True
+
+
+async def _sync_world(a, b, c, d):
+    """Three rooms with different members and lengths; returns their ids."""
+    r1 = (await group(a, ["bob", "carol"], title="r1"))["room_id"]
+    r2 = (await group(b, ["carol", "dave"], title="r2"))["room_id"]
+    r3 = (await group(d, ["alice"], title="r3"))["room_id"]
+    for i in range(6):
+        await send(a, r1, f"r1-{i}")
+        await send(c, r2, f"r2-{i}")
+    await send(d, r3, "r3-0")
+    await send(a, r3, "r3-1")
+    return r1, r2, r3
+
+
+async def test_syncs_sent_together_each_get_exactly_their_own_answer(chatd_server):
+    # Concurrent syncs are answered by shared statements; whoever shares one must still
+    # get what it would get alone: its own rooms, from its own seqs, in its own page size.
+    users = ("alice", "bob", "carol", "dave", "alice", "carol")
+    async with clients(chatd_server, *users) as wires:
+        a, b, c, d = wires[:4]
+        r1, r2, r3 = await _sync_world(a, b, c, d)
+        asks = [
+            {"rooms": {r1: 2, r3: 0}, "limit": 50},
+            {"rooms": {r1: 1, r2: 3}, "limit": 2},
+            {"rooms": {r1: 0, r2: 0, 999_999: 0}, "limit": 3},  # 999999: not a room of carol's
+            {"rooms": {r2: 1}, "limit": 50},  # r3 is listed as added
+            {"rooms": {r1: 5}, "limit": 1},
+            {"rooms": {r1: 9, r2: 4}, "limit": 4},
+        ]
+        alone = [await wire.call("sync", **ask) for wire, ask in zip(wires, asks)]
+        assert alone[2]["removed"] == [999_999] and [r["room_id"] for r in alone[3]["added"]] == [r3]
+        assert alone[3]["added"][0]["unread"] == 1  # an added room's summary is whole: alice's message
+        assert [len(r["events"]) for r in alone[1]["rooms"]] == [2, 2] and all(r["has_more"] for r in alone[1]["rooms"])
+        for _ in range(5):
+            together: list = [None] * len(wires)
+
+            async def one(i):
+                together[i] = await wires[i].call("sync", **asks[i])
+
+            async with trio.open_nursery() as nursery:
+                for i in range(len(wires)):
+                    nursery.start_soon(one, i)
+            assert [{k: v for k, v in r.items() if k != "id"} for r in together] == [
+                {k: v for k, v in r.items() if k != "id"} for r in alone]
+
+
+async def test_syncs_queued_during_a_read_share_the_next_statement(chatd_server):
+    async with clients(chatd_server, "alice", "bob", "carol", "dave") as (a, b, c, d):
+        r1, r2, r3 = await _sync_world(a, b, c, d)
+    requests = [("alice", {r1: 0, r3: 0}, 50), ("bob", {r1: 3, r2: 0}, 2), ("carol", {r2: 5}, 50), ("dave", {}, 50),
+                ("alice", {r1: 6}, 50), ("nobody", {r1: 0}, 50)]
+    pool = chatd_server.service.pool
+    alone = [await reads.sync_pages(pool, user, haves, limit=limit) for user, haves, limit in requests]
+    syncs = SharedReads(partial(reads.sync_pages_many, pool), what="syncs")
+    got: list = [None] * len(requests)
+
+    async def one(i):
+        got[i] = await syncs.read(requests[i])
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as readers:
+                for i in range(len(requests)):
+                    readers.start_soon(one, i)
+                await trio.sleep(0.01)  # all queued before the first read: one statement
+                await nursery.start(syncs.serve)
+            nursery.cancel_scope.cancel()
+    assert syncs.statements == 1 and syncs.answered == len(requests)
+    assert got == alone
+    assert got[5] == ([], {})  # a user in no room
+    assert [(len(events), more) for events, more in got[1][1].values()] == [(2, True), (2, True)]
