@@ -34,6 +34,14 @@ from chatd.store.pool import Pool
 from chatd.store.writer import Writer
 
 
+# Listed rooms one shared sync statement reads at most (a lone sync may list more).
+SYNC_ROOMS_PER_READ = 2000
+
+
+def _sync_weight(request: tuple[str, dict[int, int], int]) -> int:
+    return len(request[1]) + 1
+
+
 def frame(payload: bytes) -> bytes:
     """A WebSocket binary frame around an encoded MessagePack payload."""
     return encode_binary(payload)
@@ -89,8 +97,9 @@ class Service:
         # Hellos that arrive together share one read (a reconnect storm is one statement
         # per batch, not per connection).
         self.hellos = HelloReads(pool)
-        # So do the syncs of clients catching up together (after a network blip).
-        self.syncs = SharedReads(partial(reads.sync_pages_many, pool), what="syncs")
+        # So do the syncs of clients catching up together (after a network blip), up to
+        # SYNC_ROOMS_PER_READ listed rooms in one statement.
+        self.syncs = SharedReads(partial(reads.sync_pages_many, pool), what="syncs", weight=_sync_weight, max_weight=SYNC_ROOMS_PER_READ)
         # A disconnect storm is one last_seen statement per batch, not a pooled write each.
         self.last_seen = LastSeenWrites(pool, timeout=config.database.query_timeout)
         # New messages' search entries are merged here, not inside a send batch.

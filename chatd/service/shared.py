@@ -37,18 +37,25 @@ class _Waiter(Generic[Request, Result]):
 class SharedReads(Generic[Request, Result]):
     """Start :meth:`serve` in a nursery; then :meth:`read` from any task.
 
-    ``read_many`` answers a batch of requests with one result per request, in order.
+    ``read_many`` answers a batch of requests with one result per request, in order. A
+    batch holds at most ``max_batch`` requests and, when ``weight`` is given, requests of
+    at most ``max_weight`` in all unless it is one request alone: a request that does not
+    fit starts the next batch, so one huge request does not hold up many small ones.
     """
 
     def __init__(
         self, read_many: Callable[[Sequence[Request]], Awaitable[Sequence[Result]]], *, what: str,
         max_batch: int = 256, in_flight: int = 2, queue_size: int = 20000,
+        weight: Callable[[Request], int] | None = None, max_weight: int = 0,
     ) -> None:
         self.read_many = read_many
         self.what = what
         self.max_batch = max_batch
         self.in_flight = in_flight
+        self.weight = weight
+        self.max_weight = max_weight
         self._send, self._receive = trio.open_memory_channel[_Waiter](queue_size)
+        self._next: _Waiter[Request, Result] | None = None  # taken, did not fit the last batch
         self.statements = 0  # reads run
         self.answered = 0  # requests answered by them
 
@@ -71,13 +78,31 @@ class SharedReads(Generic[Request, Result]):
         try:
             async with trio.open_nursery() as nursery:
                 while True:
-                    first = await self._receive.receive()
+                    first, self._next = self._next or await self._receive.receive(), None
                     await slots.acquire()  # what queues meanwhile joins this read
-                    nursery.start_soon(self._read, take_ready(self._receive, [first], self.max_batch), slots)
+                    nursery.start_soon(self._read, self._batch(first), slots)
         finally:  # stopping: whoever still waits is told so, later reads fail at once
-            for waiter in take_ready(self._receive, [], math.inf):
+            for waiter in take_ready(self._receive, [self._next] if self._next else [], math.inf):
                 waiter.done.set()
+            self._next = None
             self._receive.close()
+
+    def _batch(self, first: _Waiter[Request, Result]) -> list[_Waiter[Request, Result]]:
+        if self.weight is None:
+            return take_ready(self._receive, [first], self.max_batch)
+        batch, total = [first], self.weight(first.request)
+        while len(batch) < self.max_batch:
+            try:
+                waiter = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            weight = self.weight(waiter.request)
+            if total + weight > self.max_weight:
+                self._next = waiter
+                break
+            batch.append(waiter)
+            total += weight
+        return batch
 
     async def _read(self, batch: list[_Waiter[Request, Result]], slots: trio.Semaphore) -> None:
         try:

@@ -1,4 +1,5 @@
-"""hello's shared read (chatd.service.hellos): batched, exact per user, failures answered, stops cleanly."""
+"""hello's shared read (chatd.service.hellos): batched, exact per user, failures answered, stops
+cleanly; and the batching under it (chatd.service.shared) weighing requests by size."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import trio
 
 from chatd import errors
 from chatd.service.hellos import HelloReads
+from chatd.service.shared import SharedReads
 from chatd.store import membership as ms
 from chatd.store import reads
 from chatd.store.writer import Writer
@@ -117,3 +119,32 @@ async def test_a_bug_in_a_read_answers_internal_and_the_reads_go_on(pool, monkey
                 await hellos.read("h-b1")
             assert await hellos.read("h-b2") == (False, [])
             nursery.cancel_scope.cancel()
+
+
+async def test_a_heavy_request_starts_the_next_batch_instead_of_joining_a_full_one():
+    # Requests weighed by size: a batch stops before one that would take it past the
+    # budget, and that one leads the next batch (one huge request alone is still read).
+    batches: list[list[str]] = []
+
+    async def read_many(requests):
+        batches.append(list(requests))
+        return [len(r) for r in requests]
+
+    shared = SharedReads(read_many, what="tests", weight=len, max_weight=10)
+    asked = ["aaa", "bbb", "c" * 20, "dd", "ee", "ffffff"]
+    got: dict[str, int] = {}
+
+    async def one(request):
+        got[request] = await shared.read(request)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as readers:
+                for request in asked:
+                    readers.start_soon(one, request)
+                    await trio.sleep(0)  # queued in this order
+                await trio.sleep(0.01)
+                await nursery.start(shared.serve)
+            nursery.cancel_scope.cancel()
+    assert batches == [["aaa", "bbb"], ["c" * 20], ["dd", "ee", "ffffff"]]
+    assert got == {r: len(r) for r in asked} and shared.statements == 3 and shared.answered == 6
