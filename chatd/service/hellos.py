@@ -24,7 +24,7 @@ class HelloReads(SharedReads[str, Summaries]):
 
     def __init__(self, pool: Pool, *, max_batch: int = 256, in_flight: int = 2, queue_size: int = 20000) -> None:
         self.pool = pool
-        super().__init__(self._hellos, what="connections saying hello", max_batch=max_batch, in_flight=in_flight, queue_size=queue_size)
+        super().__init__(self._hellos, what="hellos", max_batch=max_batch, in_flight=in_flight, queue_size=queue_size)
 
     async def _hellos(self, user_ids: Sequence[str]) -> list[Summaries]:
         found = await reads.hellos(self.pool, sorted(set(user_ids)))
