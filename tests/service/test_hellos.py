@@ -148,3 +148,27 @@ async def test_a_heavy_request_starts_the_next_batch_instead_of_joining_a_full_o
             nursery.cancel_scope.cancel()
     assert batches == [["aaa", "bbb"], ["c" * 20], ["dd", "ee", "ffffff"]]
     assert got == {r: len(r) for r in asked} and shared.statements == 3 and shared.answered == 6
+
+
+async def test_a_full_queue_answers_busy_at_once_and_the_queued_are_read_later():
+    async def read_many(requests):
+        return list(requests)
+
+    shared = SharedReads(read_many, what="tests", queue_size=2)
+    got: list[str] = []
+
+    async def one(request):
+        got.append(await shared.read(request))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as readers:
+                readers.start_soon(one, "a")
+                readers.start_soon(one, "b")
+                await trio.sleep(0.01)
+                with pytest.raises(errors.Unavailable) as busy:
+                    await shared.read("c")  # no room left in the queue
+                assert busy.value.message == "server busy: too many tests waiting" and busy.value.details["retry_after"] == 1.0
+                await nursery.start(shared.serve)
+            nursery.cancel_scope.cancel()
+    assert sorted(got) == ["a", "b"]
