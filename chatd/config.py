@@ -69,7 +69,7 @@ class DatabaseConfig:
     connect_timeout: float = _f(5.0, "Seconds to open one database connection.", min=0.1, max=600)
     query_timeout: float = _f(15.0, "Seconds any single query or transaction may take.", min=0.1, max=3600)
     migrate_on_start: bool = _f(True, "Apply pending migrations when `chatd serve` starts.")
-    search_merge_interval: float = _f(1.0, "Seconds between merges of the message search index's pending entries into the index, done in the background on a pooled connection. Without them PostgreSQL merges inside whichever send batch finds the pending list over its limit (32 MB), stalling that batch's acks; keep the interval short enough that the list stays well under it.", min=0.05, max=60)
+    search_merge_interval: float = _f(1.0, "Seconds between merges of the message search index's pending entries into the index, done in the background on a pooled connection. Without them PostgreSQL merges inside whichever send batch finds the pending list over its limit (8 MB), stalling that batch's acks; keep the interval short enough that the list stays well under it.", min=0.05, max=60)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig, metadata={"doc": "Embedded PostgreSQL (used when url is empty)."})
 
 

@@ -40,7 +40,8 @@ class SearchIndexMerges:
             except errors.ChatdError as exc:
                 self.failures += 1
                 if not failing:  # once per run of failures, not once per interval
-                    log.warning("search.merge_failed", code=exc.code, reason=exc.message, retry_every=self.interval)
+                    log.warning("search.merge_failed", code=exc.code, reason=exc.message, retry_every=self.interval,
+                                consequence="until a merge succeeds, the insert that finds the pending list over 8 MB merges it")
                 failing = True
                 continue
             if failing:

@@ -60,7 +60,7 @@ async def test_new_entries_leave_the_pending_list_through_the_background_merge(p
 
 async def test_the_migration_raises_the_limit_at_which_an_insert_merges(pool):
     row = await pool.fetchone("SELECT reloptions FROM pg_class WHERE relname = %s", (SEARCH_INDEX,))
-    assert "gin_pending_list_limit=32768" in row["reloptions"] and "fastupdate=on" in row["reloptions"]
+    assert "gin_pending_list_limit=8192" in row["reloptions"] and "fastupdate=on" in row["reloptions"]
     room = await _room(pool)
     # 40,000 messages are 728 pending pages (5.8 MB): past PostgreSQL's default 4 MB
     # limit, at which the insert that crossed it would have merged the list itself.

@@ -5,4 +5,4 @@
 -- every database.search_merge_interval seconds from a pooled connection instead
 -- (chatd/service/maintenance.py); the limit is raised so that an insert only merges
 -- if those merges have fallen far behind.
-ALTER INDEX events_search SET (fastupdate = on, gin_pending_list_limit = 32768);
+ALTER INDEX events_search SET (fastupdate = on, gin_pending_list_limit = 8192);
