@@ -128,11 +128,6 @@ class Presence:
             out.update(self.rooms.sessions_of(peer))
         return out
 
-    def flush(self) -> None:
-        """Send what changed since the last flush, all at once."""
-        for _ in self.flush_in_parts():
-            pass
-
     def flush_in_parts(self) -> Iterator[None]:
         """Send what changed since the last flush, yielding after every FLUSH_CHUNK frames.
 

@@ -22,10 +22,9 @@ log = structlog.get_logger("chatd.service")
 class SearchIndexMerges:
     """Start :meth:`serve` in a nursery; it merges until cancelled."""
 
-    def __init__(self, pool: Pool, *, interval: float, timeout: float) -> None:
+    def __init__(self, pool: Pool, *, interval: float) -> None:
         self.pool = pool
         self.interval = interval
-        self.timeout = timeout
         self.merges = 0  # successful merges, including those that found nothing pending
         self.pages = 0  # pending pages they merged
         self.failures = 0
@@ -36,7 +35,7 @@ class SearchIndexMerges:
         while True:
             await trio.sleep(self.interval)
             try:
-                pages = await merge_search_pending(self.pool, self.timeout)
+                pages = await merge_search_pending(self.pool)
             except errors.ChatdError as exc:
                 self.failures += 1
                 if not failing:  # once per run of failures, not once per interval

@@ -103,7 +103,7 @@ class Service:
         # A disconnect storm is one last_seen statement per batch, not a pooled write each.
         self.last_seen = LastSeenWrites(pool, timeout=config.database.query_timeout)
         # New messages' search entries are merged here, not inside a send batch.
-        self.search_merges = SearchIndexMerges(pool, interval=config.database.search_merge_interval, timeout=config.database.query_timeout)
+        self.search_merges = SearchIndexMerges(pool, interval=config.database.search_merge_interval)
         self.sessions: set[Session] = set()
         self.draining = False
         self.nursery: trio.Nursery | None = None

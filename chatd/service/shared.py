@@ -52,8 +52,8 @@ class SharedReads(Generic[Request, Result]):
         self.what = what
         self.max_batch = max_batch
         self.in_flight = in_flight
-        self.weight = weight
-        self.max_weight = max_weight
+        self.weight = weight or _one  # without weights only max_batch bounds a batch
+        self.max_weight = max_weight if weight else math.inf
         self._send, self._receive = trio.open_memory_channel[_Waiter](queue_size)
         self._next: _Waiter[Request, Result] | None = None  # taken, did not fit the last batch
         self.statements = 0  # reads run
@@ -88,8 +88,6 @@ class SharedReads(Generic[Request, Result]):
             self._receive.close()
 
     def _batch(self, first: _Waiter[Request, Result]) -> list[_Waiter[Request, Result]]:
-        if self.weight is None:
-            return take_ready(self._receive, [first], self.max_batch)
         batch, total = [first], self.weight(first.request)
         while len(batch) < self.max_batch:
             try:
@@ -122,6 +120,10 @@ class SharedReads(Generic[Request, Result]):
             slots.release()
             for waiter in batch:
                 waiter.done.set()
+
+
+def _one(_request: object) -> int:
+    return 1
 
 
 def _again(error: errors.ChatdError) -> errors.ChatdError:

@@ -7,14 +7,12 @@ from chatd.store.pool import Pool
 SEARCH_INDEX = "events_search"
 
 
-async def merge_search_pending(pool: Pool, timeout: float) -> int:
+async def merge_search_pending(pool: Pool) -> int:
     """Move the search index's pending entries into the index; returns pending pages merged.
 
     Inserts keep appending to the pending list meanwhile (PostgreSQL takes the pending
     list's own lock only around its metapage updates), and an insert that finds a merge
     under way does not wait for it.
     """
-    async with pool.connection(timeout) as conn:
-        cur = await conn.execute("SELECT gin_clean_pending_list(%s::regclass) AS pages", (SEARCH_INDEX,))
-        row = await cur.fetchone()
+    row = await pool.fetchone("SELECT gin_clean_pending_list(%s::regclass) AS pages", (SEARCH_INDEX,))
     return row["pages"]

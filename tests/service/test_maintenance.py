@@ -39,7 +39,7 @@ async def test_new_entries_leave_the_pending_list_through_the_background_merge(p
     # so no insert merges them itself and only the task can empty the list.
     await _messages(pool, room, 1, 5000)
     assert await _pending_tuples(pool) >= 5000
-    merges = SearchIndexMerges(pool, interval=0.05, timeout=10)
+    merges = SearchIndexMerges(pool, interval=0.05)
     async with trio.open_nursery() as nursery:
         await nursery.start(merges.serve)
         with trio.fail_after(10):
@@ -72,7 +72,7 @@ async def test_the_migration_raises_the_limit_at_which_an_insert_merges(pool):
 async def test_a_failed_merge_is_counted_logged_once_and_retried(pool):
     room = await _room(pool)
     await _messages(pool, room, 1, 50)
-    merges = SearchIndexMerges(pool, interval=0.05, timeout=10)
+    merges = SearchIndexMerges(pool, interval=0.05)
     await pool.execute(f"ALTER INDEX {SEARCH_INDEX} RENAME TO events_search_away")
     with capture_logs() as logs:
         async with trio.open_nursery() as nursery:
