@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import select
 from contextlib import contextmanager
-from typing import Any, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import psycopg
 import trio
@@ -142,7 +142,9 @@ class TrioConnection(psycopg.AsyncConnection):
         conn.statements = set()
         return conn
 
-    async def run_statement(self, statement: Statement, params: list[bytes | None]) -> PGresult:
+    async def run_statement(
+        self, statement: Statement, params: list[bytes | None], on_sent: Callable[[], None] | None = None
+    ) -> PGresult:
         """Execute ``statement`` (prepared on this connection at its first use) with text
         parameters and return its result, without psycopg's cursors.
 
@@ -151,6 +153,8 @@ class TrioConnection(psycopg.AsyncConnection):
         round trip itself.
         The statement runs as its own command: in autocommit mode it commits by itself,
         inside a transaction it joins it. Raises psycopg errors, like ``execute``.
+        ``on_sent`` is called once the statement has been handed to the socket, before
+        the wait for its answer.
         """
         async with self.lock:
             pgconn = self.pgconn
@@ -159,6 +163,9 @@ class TrioConnection(psycopg.AsyncConnection):
                 _check(await self.wait(execute(pgconn)), pgconn, _COMMAND_OK)
                 self.statements.add(statement.name)
             pgconn.send_query_prepared(statement.name, params)
+            if on_sent is not None:
+                pgconn.flush()  # what the socket does not take now, the answer's wait sends
+                on_sent()
             return _check(await self.wait(execute(pgconn)), pgconn, _TUPLES_OK)
 
     async def wait(self, gen, interval: float = 0.0, timeout: float | None = None):  # noqa: ARG002

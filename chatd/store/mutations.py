@@ -243,8 +243,13 @@ _json_rows = msgspec.json.Encoder().encode
 _json_outcomes = msgspec.json.Decoder().decode
 
 
-async def send_batch(tx: Tx, sends: list[Send]) -> list[tuple[Any, errors.ChatdError | None]]:
-    """Commit a run of sends with one statement, whatever its length."""
+async def send_batch(
+    tx: Tx, sends: list[Send], on_sent: Callable[[], None] | None = None
+) -> list[tuple[Any, errors.ChatdError | None]]:
+    """Commit a run of sends with one statement, whatever its length.
+
+    ``on_sent`` is called once the statement is on its way to the database.
+    """
     outcomes: list[tuple[Any, errors.ChatdError | None]] = [(None, None)] * len(sends)
     first_in_batch: dict[tuple[str, str], int] = {}
     fresh: list[int] = []
@@ -261,7 +266,7 @@ async def send_batch(tx: Tx, sends: list[Send]) -> list[tuple[Any, errors.ChatdE
         # parameters element by element in Python, and builds a row object per row.
         reply = await tx.conn.run_statement(_SEND, [_json_rows(
             [(k, s.room_id, s.user_id, s.body, s.reply_to, s.client_id) for k, s in enumerate(sends[i] for i in fresh)]
-        )])
+        )], on_sent=on_sent)
     except pgerr.UniqueViolation as exc:
         if exc.diag.table_name != "idempotency":
             raise

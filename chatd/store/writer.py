@@ -17,7 +17,10 @@ and each room's seqs stay gapless and in commit order. A batch's statement may
 run while the batch before is still publishing (up to ``pipeline`` batches in
 flight, each with its own connection); batches are published and answered
 strictly in the order they were formed, so a room's events go out in seq order
-and a connection's acks in the order it sent. While sends stream in faster than
+and a connection's acks in the order it sent. When the next batch is already
+waiting, a committed batch publishes only once that batch's statement has left
+(at most :data:`PUBLISH_HOLD` later), so the database works while the loop
+publishes instead of idling through it. While sends stream in faster than
 batches commit, a batch may wait up to ``linger`` for the ones its arrival rate
 promises, so that each round trip and commit carries more of them.
 
@@ -50,6 +53,10 @@ Publish = Callable[[Sequence[RoomEvent]], None]
 # chunks of about this many events, whole rooms each, with a checkpoint between
 # them so pings and other connections are served meanwhile.
 PUBLISH_CHUNK = 256
+# The longest a committed batch holds its publish for the next batch's statement to
+# leave; that usually takes a few scheduler passes (docs/decisions.md, "The next
+# statement leaves before the publish").
+PUBLISH_HOLD = 0.005
 
 
 class Writer:
@@ -79,6 +86,8 @@ class Writer:
         self._filled = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
+        self._forming = False  # the next batch's first mutation is taken, its run not started
+        self._next_left: trio.Event | None = None  # set once the next batch's statement has left
 
     def submit(self, mutation: Mutation) -> None:
         """Queue ``mutation``; its ``on_done`` is called after commit (or failure).
@@ -136,13 +145,16 @@ class Writer:
                     first = await receive.receive()
                 except trio.EndOfChannel:
                     break
+                self._forming = True
                 await slots.acquire()
                 await ended.wait()
                 if self.linger:
                     await self._linger(pace, receive)
                 batch = take_ready(receive, [first], self.max_batch)
+                self._forming = False
+                left, self._next_left = self._next_left, None
                 before_answered, ended, answered = answered, trio.Event(), trio.Event()
-                nursery.start_soon(self._run, batch, before_answered, ended, answered, slots)
+                nursery.start_soon(self._run, batch, before_answered, ended, answered, slots, left)
             await answered.wait()
 
     async def _linger(self, pace: _Pace, receive: trio.MemoryReceiveChannel[Mutation]) -> None:
@@ -152,29 +164,35 @@ class Writer:
         if want <= queued:
             return
         self.lingered += 1
+        if self._next_left is not None:  # the database idles meanwhile anyway: publish now
+            self._next_left.set()
         self._wake_at, self._filled = self._submitted + want - queued, trio.Event()
         with trio.move_on_after(self.linger):
             await self._filled.wait()
         self._wake_at = 0
 
     async def _run(
-        self, batch: list[Mutation], before_answered: trio.Event, ended: trio.Event, answered: trio.Event, slots: trio.Semaphore
+        self, batch: list[Mutation], before_answered: trio.Event, ended: trio.Event, answered: trio.Event,
+        slots: trio.Semaphore, left: trio.Event | None,
     ) -> None:
+        """Commit, publish and answer ``batch``; ``left`` is set once its statement has left."""
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            await self._commit(batch, before_answered, ended)
+            await self._commit(batch, before_answered, ended, left)
         finally:
             self.in_flight -= 1
+            if left is not None:
+                left.set()
             ended.set()
             answered.set()
             slots.release()
 
-    async def _commit(self, batch: list[Mutation], before_answered: trio.Event, ended: trio.Event) -> None:
+    async def _commit(self, batch: list[Mutation], before_answered: trio.Event, ended: trio.Event, left: trio.Event | None) -> None:
         """Commit ``batch``, then, once the batch before has answered, publish and answer."""
         for attempt in range(1, RETRIES + 1):
             try:
-                events, outcomes = await self._transaction(batch)
+                events, outcomes = await self._transaction(batch, left)
             except errors.ChatdError as exc:
                 if isinstance(exc, errors.Contention) and attempt < RETRIES:
                     log.info("writer.retry", attempt=attempt, reason=exc.message)
@@ -192,11 +210,19 @@ class Writer:
                 self.batches += 1
                 self.committed += len(batch)
                 events.sort(key=_event_order)
+            if left is not None:  # failed before its statement left: release the batch before
+                left.set()
+            next_left = None
+            if self.pipeline > 1 and (self._forming or self._receive.statistics().current_buffer_used):
+                next_left = self._next_left = trio.Event()  # the next batch starts once we end
             ended.set()
             # Committed (or failed): wait for our turn, fan out and answer even if
             # we are being cancelled (no I/O waits in here, only checkpoints).
             with trio.CancelScope(shield=True):
                 await before_answered.wait()
+                if next_left is not None:
+                    with trio.move_on_after(PUBLISH_HOLD):
+                        await next_left.wait()
                 chunks = _chunks(events)
                 for chunk in chunks[:-1]:  # a huge batch: let others run between chunks
                     with self.hold():
@@ -218,13 +244,18 @@ class Writer:
         except Exception:  # noqa: BLE001 - fan-out bugs must not lose acks
             log.exception("writer.publish_failed")
 
-    async def _transaction(self, batch: list[Mutation]) -> tuple[list[RoomEvent], list[tuple[Any, Any]]]:
+    async def _transaction(self, batch: list[Mutation], left: trio.Event | None) -> tuple[list[RoomEvent], list[tuple[Any, Any]]]:
         outcomes: list[tuple[Any, Any]] = [(None, None)] * len(batch)
         events: list[RoomEvent] = []
         # A batch of sends is one statement, which commits by itself; anything else
         # is one transaction of savepoints.
         only_sends = all(type(m) is Send for m in batch)
         async with self.pool.connection() if only_sends else self.pool.transaction() as conn:
+            # ``left`` tells the batch before that this one's first statement is on the
+            # wire (a transaction's BEGIN is already).
+            on_sent = left.set if left is not None and only_sends else None
+            if left is not None and not only_sends:
+                left.set()
             tx = Tx(conn)
             i = 0
             while i < len(batch):
@@ -232,7 +263,7 @@ class Writer:
                     j = i
                     while j < len(batch) and isinstance(batch[j], Send):
                         j += 1
-                    for k, outcome in enumerate(await send_batch(tx, batch[i:j]), start=i):
+                    for k, outcome in enumerate(await send_batch(tx, batch[i:j], on_sent=on_sent), start=i):
                         outcomes[k] = outcome
                     i = j
                     continue

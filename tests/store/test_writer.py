@@ -479,3 +479,74 @@ async def test_a_send_on_a_quiet_writer_does_not_linger(pool):
     with trio.fail_after(30):
         lingered, _ = await _run_writer(pool, work, linger=0.02)
     assert lingered == 0
+
+
+async def _publish_watch(pool, mutations, monkeypatch, **options):
+    """Queue ``mutations`` at once; for each publish, the batches in flight at that moment.
+
+    PUBLISH_HOLD is raised to far beyond the test's deadline: a publish held for a
+    statement that never reports leaving would end the test with a timeout.
+    """
+    monkeypatch.setattr("chatd.store.writer.PUBLISH_HOLD", 60.0)
+    seen: list[tuple[list[int], int]] = []
+    used = []
+
+    async def work(writer):
+        used.append(writer)
+        with trio.fail_after(20):
+            return await _submit_all(writer, mutations)
+
+    def publish(events):
+        seen.append(([e.seq for e in events], used[0].in_flight))
+
+    writer = Writer(pool, publish=publish, **{"max_batch": 5, "queue_size": 100, "pipeline": 2, **options})
+    used.append(writer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.serve)
+        results = await work(writer)
+        nursery.cancel_scope.cancel()
+    return results, seen
+
+
+async def test_a_batch_publishes_once_the_waiting_batchs_statement_has_left(pool, monkeypatch):
+    # Ten sends at once, batches of five: the second batch is waiting when the first
+    # commits, so the first publishes only once the second's statement is executing
+    # (two batches in flight), and the database works while the loop publishes.
+    room = await _setup_room(pool)
+    sends = [mu.Send(user_id="alice", client_id=f"h{i}", room_id=room, body=str(i)) for i in range(10)]
+    results, seen = await _publish_watch(pool, sends, monkeypatch)
+    assert all(error is None for _, error in results)
+    seqs = [result["seq"] for result, _ in results]
+    assert seqs == list(range(seqs[0], seqs[0] + 10))
+    assert [s for published, _ in seen for s in published] == seqs  # in order, once each
+    assert seen[0][1] == 2, "the first batch published before the next one's statement left"
+    assert seen[-1][1] == 1  # nothing was waiting behind the last batch: no hold
+
+
+async def test_a_batch_holds_its_publish_for_a_waiting_transaction_too(pool, monkeypatch):
+    # The batch behind holds a membership change: a transaction, not the send
+    # statement. It lets the batch before publish once its transaction has begun.
+    room = await _setup_room(pool)
+    await pool.execute("INSERT INTO users (id) VALUES ('dave') ON CONFLICT DO NOTHING")
+    sends = [mu.Send(user_id="alice", client_id=f"t{i}", room_id=room, body=str(i)) for i in range(5)]
+    add = ms.AddMember(user_id="alice", client_id="add-dave", room_id=room, target="dave")
+    results, seen = await _publish_watch(pool, [*sends, add], monkeypatch)
+    assert all(error is None for _, error in results)
+    assert seen[0][1] == 2
+    assert [s for published, _ in seen for s in published] == sorted(s for published, _ in seen for s in published)
+
+
+async def test_a_lone_batch_publishes_without_holding(pool, monkeypatch):
+    # Nothing waits behind it (and with pipeline 1 nothing could run beside it):
+    # a 60 s hold would fail the test's 20 s deadline.
+    room = await _setup_room(pool)
+    for pipeline in (2, 1):
+        sends = [mu.Send(user_id="alice", client_id=f"l{pipeline}-{i}", room_id=room, body="x") for i in range(3)]
+        results, seen = await _publish_watch(pool, sends, monkeypatch, pipeline=pipeline)
+        assert all(error is None for _, error in results)
+        assert [in_flight for _, in_flight in seen] == [1]
+    # pipeline 1 with a backlog: batches run one at a time, none holds for the next
+    sends = [mu.Send(user_id="alice", client_id=f"b{i}", room_id=room, body="x") for i in range(10)]
+    results, seen = await _publish_watch(pool, sends, monkeypatch, pipeline=1)
+    assert all(error is None for _, error in results)
+    assert [in_flight for _, in_flight in seen] == [1, 1]
