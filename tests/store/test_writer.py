@@ -489,21 +489,15 @@ async def _publish_watch(pool, mutations, monkeypatch, **options):
     """
     monkeypatch.setattr("chatd.store.writer.PUBLISH_HOLD", 60.0)
     seen: list[tuple[list[int], int]] = []
-    used = []
-
-    async def work(writer):
-        used.append(writer)
-        with trio.fail_after(20):
-            return await _submit_all(writer, mutations)
 
     def publish(events):
-        seen.append(([e.seq for e in events], used[0].in_flight))
+        seen.append(([e.seq for e in events], writer.in_flight))
 
     writer = Writer(pool, publish=publish, **{"max_batch": 5, "queue_size": 100, "pipeline": 2, **options})
-    used.append(writer)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.serve)
-        results = await work(writer)
+        with trio.fail_after(20):
+            results = await _submit_all(writer, mutations)
         nursery.cancel_scope.cancel()
     return results, seen
 
