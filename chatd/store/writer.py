@@ -182,8 +182,6 @@ class Writer:
             await self._commit(batch, before_answered, ended, left)
         finally:
             self.in_flight -= 1
-            if left is not None:
-                left.set()
             ended.set()
             answered.set()
             slots.release()
@@ -210,7 +208,7 @@ class Writer:
                 self.batches += 1
                 self.committed += len(batch)
                 events.sort(key=_event_order)
-            if left is not None:  # failed before its statement left: release the batch before
+            if left is not None:  # also when it failed before its statement left (cancelled: the hold times out)
                 left.set()
             next_left = None
             if self.pipeline > 1 and (self._forming or self._receive.statistics().current_buffer_used):
