@@ -193,6 +193,11 @@ class Send(Mutation):
 # by itself, so a batch of sends is one round trip to the database. A key that a
 # concurrent transaction committed meanwhile fails the statement (unique
 # violation): the writer retries the batch, which then finds it as a duplicate.
+# The statement is prepared once and runs on a generic plan, which cannot know how
+# few rooms a batch names. Rooms are looked up by key from an array (`= ANY`), which
+# plans as an index lookup at any table size; joined to the batch instead, they were
+# scanned in full, twice per batch, once there were a few thousand (docs/decisions.md,
+# "The send statement reaches rooms by key").
 _SEND = Statement("chatd_send_batch", """
 WITH t AS (
     SELECT (e->>0)::int AS ord, (e->>1)::bigint AS room_id, e->>2 AS user_id, e->>3 AS body,
@@ -214,10 +219,11 @@ counts AS (
            array_agg(reply_to ORDER BY ord) AS replies, array_agg(client_id ORDER BY ord) AS cids
     FROM checked WHERE ok GROUP BY room_id),
 locked AS (
-    SELECT r.id, c.* FROM counts c JOIN rooms r ON r.id = c.room_id ORDER BY r.id FOR UPDATE OF r),
+    SELECT r.id FROM rooms r WHERE r.id = ANY (ARRAY(SELECT room_id FROM counts)) ORDER BY r.id FOR UPDATE),
 bumped AS (
-    UPDATE rooms r SET last_seq = r.last_seq + l.n FROM locked l WHERE r.id = l.id
-    RETURNING r.id, r.last_seq - l.n AS base, l.ords, l.users, l.bodies, l.replies, l.cids),
+    UPDATE rooms r SET last_seq = r.last_seq + c.n FROM counts c
+    WHERE r.id = ANY (ARRAY(SELECT id FROM locked)) AND c.room_id = r.id
+    RETURNING r.id, r.last_seq - c.n AS base, c.ords, c.users, c.bodies, c.replies, c.cids),
 numbered AS (
     SELECT b.id AS room_id, b.base + o.k AS seq, o.ord, o.user_id, o.body, o.reply_to, o.client_id
     FROM bumped b, unnest(b.ords, b.users, b.bodies, b.replies, b.cids) WITH ORDINALITY
