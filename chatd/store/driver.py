@@ -7,8 +7,9 @@ generators with ``trio.lowlevel.wait_readable``/``wait_writable`` and guards the
 connection with a ``trio.Lock``. Everything else (cursors, adaptation,
 transactions, COPY) is psycopg's own code, so behaviour matches psycopg exactly.
 The one exception is :meth:`TrioConnection.run_statement`, for the statement that
-runs once per batch of sends: a statement prepared once per connection, run with
-libpq's calls through the same waits, its result handed back undecoded.
+runs once per batch of sends: a statement prepared on each connection (and again every
+REPREPARE_INTERVAL seconds, for fresh plans), run with libpq's calls through the same
+waits, its result handed back undecoded.
 
 Cancellation: when a trio cancel arrives while a query runs on the server, the
 query is cancelled server-side (libpq's non-blocking cancel), the result drained
@@ -22,6 +23,7 @@ version and tests/store/test_driver.py exercises every path used here.
 
 from __future__ import annotations
 
+import itertools
 import select
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
@@ -45,6 +47,7 @@ WAIT_W = Wait.W
 READY_R = Ready.R
 READY_W = Ready.W
 CANCEL_GRACE = 5.0
+REPREPARE_INTERVAL = 10.0  # seconds a statement of run_statement keeps its plans
 _ACTIVE = pq.TransactionStatus.ACTIVE
 _COMMAND_OK = pq.ExecStatus.COMMAND_OK
 _TUPLES_OK = pq.ExecStatus.TUPLES_OK
@@ -139,7 +142,8 @@ class TrioConnection(psycopg.AsyncConnection):
         conn.lock = trio.Lock()
         conn._autocommit = autocommit
         conn.row_factory = dict_row
-        conn.statements = set()
+        conn.statements = {}  # Statement.name -> (name prepared under, trio time prepared)
+        conn._statement_numbers = itertools.count(1)
         return conn
 
     async def run_statement(
@@ -158,15 +162,35 @@ class TrioConnection(psycopg.AsyncConnection):
         """
         async with self.lock:
             pgconn = self.pgconn
-            if statement.name not in self.statements:
-                pgconn.send_prepare(statement.name, statement.sql, param_types=statement.types)
-                _check(await self.wait(execute(pgconn)), pgconn, _COMMAND_OK)
-                self.statements.add(statement.name)
-            pgconn.send_query_prepared(statement.name, params)
+            name = await self._prepare_statement(statement)
+            pgconn.send_query_prepared(name, params)
             if on_sent is not None:
                 pgconn.flush()  # what the socket does not take now, the answer's wait sends
                 on_sent()
             return _check(await self.wait(execute(pgconn)), pgconn, _TUPLES_OK)
+
+    async def _prepare_statement(self, statement: Statement) -> bytes:
+        """The name ``statement`` is prepared under on this connection; prepared again, under a
+        new name, once it is REPREPARE_INTERVAL seconds old. Called with the lock held.
+
+        PostgreSQL keeps a prepared statement's generic plan until the statistics of a table
+        it reads change. A plan made while a table was nearly empty (a fresh database) scans
+        it, and goes on scanning as the table grows until autovacuum analyzes it again; a new
+        plan sizes the table from its pages as they are now.
+        """
+        pgconn = self.pgconn
+        now = trio.current_time()
+        current = self.statements.get(statement.name)
+        if current is not None and now - current[1] < REPREPARE_INTERVAL:
+            return current[0]
+        name = b"%s_%d" % (statement.name, next(self._statement_numbers))
+        pgconn.send_prepare(name, statement.sql, param_types=statement.types)
+        _check(await self.wait(execute(pgconn)), pgconn, _COMMAND_OK)
+        self.statements[statement.name] = (name, now)
+        if current is not None:
+            pgconn.send_query(b"DEALLOCATE " + current[0])
+            _check(await self.wait(execute(pgconn)), pgconn, _COMMAND_OK)
+        return name
 
     async def wait(self, gen, interval: float = 0.0, timeout: float | None = None):  # noqa: ARG002
         fileno = self.pgconn.socket
