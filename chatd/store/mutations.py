@@ -193,8 +193,8 @@ class Send(Mutation):
 # by itself, so a batch of sends is one round trip to the database. A key that a
 # concurrent transaction committed meanwhile fails the statement (unique
 # violation): the writer retries the batch, which then finds it as a duplicate.
-# The statement is prepared once and runs on a generic plan, which cannot know how
-# few rooms a batch names. Rooms are looked up by key from an array (`= ANY`), which
+# The statement runs on a generic plan (prepared on each writer connection, again every
+# 10 s: chatd/store/driver.py), which cannot know how few rooms a batch names. Rooms are looked up by key from an array (`= ANY`), which
 # plans as an index lookup at any table size; joined to the batch instead, they were
 # scanned in full, twice per batch, once there were a few thousand (docs/decisions.md,
 # "The send statement reaches rooms by key").
