@@ -50,7 +50,7 @@ async def test_a_batch_locks_its_rooms_in_key_order(pool):
     async def second_batch():
         # Names the high room first; it must wait for the low one without holding the high one.
         async with pool.connection() as conn:
-            pid = (await (await conn.execute("SELECT pg_backend_pid() AS pid")).fetchone())["pid"]
+            pid = conn.pgconn.backend_pid
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_signal_when_waiting, pool, pid, waiting)
                 result = await conn.run_statement(mu._SEND, _batch((high, "u2", "b1"), (low, "u0", "b2")))
