@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import structlog
 
@@ -43,3 +44,32 @@ def configure(config: LogConfig, stream=None) -> None:
 
 def get(name: str = "chatd", **bound):
     return structlog.get_logger(name).bind(**bound) if bound else structlog.get_logger(name)
+
+
+class Repeats:
+    """At most one log line per ``interval`` seconds for an event that can come in floods.
+
+    Load shedding refuses commands by the thousand a second; a line each would cost the
+    overloaded process ~12 µs apiece and flood the log. The first one logs at once; later
+    ones inside the interval are only counted, and the next line that gets through carries
+    that count as ``repeated`` (the exact totals are on /metrics).
+    """
+
+    __slots__ = ("logger", "level", "event", "interval", "next_at", "repeated")
+
+    def __init__(self, logger, level: str, event: str, interval: float = 1.0) -> None:
+        self.logger = logger  # resolved per line: structlog may be configured after import
+        self.level = level
+        self.event = event
+        self.interval = interval
+        self.next_at = 0.0
+        self.repeated = 0
+
+    def __call__(self, **fields) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.repeated += 1
+            return
+        self.next_at = now + self.interval
+        repeated, self.repeated = self.repeated, 0
+        getattr(self.logger, self.level)(self.event, repeated=repeated, **fields)

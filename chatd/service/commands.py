@@ -24,9 +24,10 @@ from chatd.store import reads
 PENDING = object()
 
 
-def _reply(session: Session, request_id: Any, after: Callable[[Any], None] | None = None) -> mu.Done:
+def _reply(service: Service, session: Session, request_id: Any, after: Callable[[Any], None] | None = None) -> mu.Done:
     def done(result: Any, error: errors.ChatdError | None) -> None:
         if error is not None:
+            service.command_errors[error.code] += 1
             session.deliver(frame(codec.encode_error(request_id, error)))
             return
         if after is not None:
@@ -39,7 +40,7 @@ def _reply(session: Session, request_id: Any, after: Callable[[Any], None] | Non
 def _submit(service: Service, session: Session, cmd: m.Command, mutation: mu.Mutation, after=None) -> object:
     if service.draining:
         raise errors.Unavailable("server is draining: reconnect and retry", retry_after=1.0)
-    mutation.on_done = _reply(session, cmd.id, after)
+    mutation.on_done = _reply(service, session, cmd.id, after)
     service.writer.submit(mutation)
     return PENDING
 

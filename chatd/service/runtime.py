@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, AsyncIterator, Sequence
@@ -105,6 +106,7 @@ class Service:
         # New messages' search entries are merged here, not inside a send batch.
         self.search_merges = SearchIndexMerges(pool, interval=config.database.search_merge_interval)
         self.sessions: set[Session] = set()
+        self.command_errors: Counter[str] = Counter()  # error frames answered, by code (/metrics)
         self.draining = False
         self.nursery: trio.Nursery | None = None
 

@@ -16,6 +16,7 @@ import trio
 
 from chatd import errors
 from chatd.config import WebSocketConfig
+from chatd.log import Repeats
 from chatd.protocol import codec
 from chatd.protocol.closecodes import RESUME_SYNC, CloseCode
 from chatd.protocol.websocket import encode_binary
@@ -52,6 +53,7 @@ class Listener:
         self.accept_scope = trio.CancelScope()
         self.conn_nursery: trio.Nursery | None = None
         self.hub = ReadHub()  # read readiness of every connection (chatd/transport/readiness.py)
+        self.unavailable = Repeats(log, "warning", "ws.unavailable")  # commands refused under load
         self._empty = trio.Event()
         self._empty.set()
         # Made once: a closure per connection would be two more objects per socket.

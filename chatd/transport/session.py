@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from chatd import collector, errors
+from chatd.log import Repeats
 from chatd.protocol import codec
 from chatd.protocol import messages as m
 from chatd.protocol.closecodes import CloseCode, handshake_close_code
@@ -76,7 +77,7 @@ async def handle_connection(stream: trio.SocketStream, listener: Listener) -> No
                 if session is not None:
                     session.expiry = nursery.cancel_scope
                     session.expire_at(session.expires_at, leeway)
-                    await _read_commands(conn, service, session, conn_id)
+                    await _read_commands(conn, service, session, conn_id, listener.unavailable)
             except ConnectionClosed:
                 pass
             except Exception:
@@ -128,6 +129,7 @@ async def _hello(conn: WebSocketConnection, service: Service, conn_id: int):
     except errors.ChatdError as exc:
         if request_id is None:
             request_id = getattr(exc, "request_id", None)
+        service.command_errors[exc.code] += 1
         log.info("ws.hello_refused", conn_id=conn_id, code=exc.code, message=exc.message)
         await _refuse(conn, request_id, exc, handshake_close_code(exc), exc.code)
         return None
@@ -141,7 +143,7 @@ RATE_LIMITED_BURSTS = 5
 _MALFORMED = (errors.BadFrame, errors.UnknownCommand, errors.InvalidField, errors.TooLarge)
 
 
-async def _read_commands(conn: WebSocketConnection, service: Service, session, conn_id: int) -> None:
+async def _read_commands(conn: WebSocketConnection, service: Service, session, conn_id: int, unavailable: Repeats) -> None:
     """Decode and dispatch commands until the connection closes.
 
     Abuse closes with 1008: more than ``websocket.max_bad_frames`` malformed
@@ -177,6 +179,7 @@ async def _read_commands(conn: WebSocketConnection, service: Service, session, c
         except errors.ChatdError as exc:
             if request_id is None:
                 request_id = getattr(exc, "request_id", None)
+            service.command_errors[exc.code] += 1
             if isinstance(exc, errors.RateLimited):
                 limited += 1
                 if limited == 1:
@@ -188,8 +191,8 @@ async def _read_commands(conn: WebSocketConnection, service: Service, session, c
                 abusive = malformed > cfg.websocket.max_bad_frames
             else:
                 abusive = False
-                if isinstance(exc, errors.Unavailable):
-                    log.warning("ws.unavailable", conn_id=conn_id, user_id=session.user_id, message=exc.message)
+                if isinstance(exc, errors.Unavailable):  # load shedding: one line a second at most
+                    unavailable(conn_id=conn_id, user_id=session.user_id, message=exc.message)
             if abusive:
                 await _refuse(conn, request_id, exc, CloseCode.POLICY_VIOLATION, "too many bad or rate-limited commands")
                 return

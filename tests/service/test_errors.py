@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import msgpack
 import pytest
 import trio
+from structlog.testing import capture_logs
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from tests.conftest import start_server, token
-from tests.service.conftest import cid, clients, db_execute, expired_token, group, register, still_works, until_seq
+from tests.service.conftest import cid, clients, db_execute, db_fetch, expired_token, group, register, still_works, until_seq
 from tests.wire import connect
 
 ERROR_KEYS = {"type", "id", "code", "message", "details"}
@@ -333,3 +335,57 @@ async def test_a_pipelined_burst_is_rate_limited_not_closed(nursery, tmp_path, d
         assert limited and all(r["code"] == "rate_limited" and r["details"]["retry_after"] > 0 for r in limited)
         await trio.sleep(1.2)
         assert (await a.call("ping"))["now"] > 0  # still open: it was told to wait, not cut off
+
+
+def _get(url: str) -> tuple[int, str, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+
+
+def _metric(text: str, line_prefix: str) -> float:
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(line_prefix)]
+    assert len(values) == 1, text
+    return values[0]
+
+
+async def test_refusals_under_load_lose_nothing_and_log_one_line_a_second(make_server, db_conninfo):
+    """A writer queue of one: a pipelined flood of sends is mostly refused ``unavailable``.
+
+    Every refused send commits on retry with its client id, every accepted one committed
+    once, /metrics counts each refusal, and the log gets one ``ws.unavailable`` line per
+    second with the count it held back, not a line per refusal.
+    """
+    server = await make_server(writer={"queue_size": 1, "linger": 0}, limits={"command_burst": 1000})
+    async with clients(server, "alice", "bob") as (a, b):
+        room = (await group(a, ["bob"]))["room_id"]
+
+        async def flood(n: int) -> tuple[list[str], list[str]]:
+            ids = [cid("flood") for _ in range(n)]
+            rids = [await a.send("send", room_id=room, client_msg_id=c, body=c) for c in ids]
+            replies = [await a.reply(r) for r in rids]
+            refused = [c for c, r in zip(ids, replies) if r["type"] == "error"]
+            assert all(r["code"] == "unavailable" and r["details"]["retry_after"] > 0 for r in replies if r["type"] == "error")
+            return [c for c, r in zip(ids, replies) if r["type"] == "result"], refused
+
+        with capture_logs() as logs:
+            accepted, refused = await flood(200)
+            assert len(refused) >= 10, "the queue of one did not fill: the test shows nothing"
+            lines = [e for e in logs if e["event"] == "ws.unavailable"]
+            assert len(lines) == 1 and lines[0]["repeated"] == 0 and lines[0]["log_level"] == "warning"
+            await trio.sleep(1.1)
+            accepted2, refused2 = await flood(200)
+            assert refused2
+            lines = [e for e in logs if e["event"] == "ws.unavailable"]
+            assert len(lines) == 2 and lines[1]["repeated"] == len(refused) - 1  # held back since the first line
+
+        status, _, body = await trio.to_thread.run_sync(_get, server.http_urls[0] + "/metrics")
+        assert status == 200
+        assert _metric(body.decode(), 'chatd_command_errors_total{code="unavailable"}') == len(refused) + len(refused2)
+
+        for c in refused + refused2:  # the retry the error asks for commits each one
+            assert (await a.call("send", room_id=room, client_msg_id=c, body=c))["duplicate"] is False
+        for c in accepted[:3]:
+            assert (await a.call("send", room_id=room, client_msg_id=c, body=c))["duplicate"] is True
+        rows = await db_fetch(db_conninfo, "SELECT body FROM events WHERE room_id = %s AND kind = 'message'", room)
+        assert sorted(body for (body,) in rows) == sorted(accepted + refused + accepted2 + refused2)  # each once
+        await still_works(a, b, room)
