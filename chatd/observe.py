@@ -69,10 +69,10 @@ class ChatdCollector:
         yield CounterMetricFamily("chatd_writer_batches", "Group-commit transactions committed.", value=service.writer.batches)
         yield CounterMetricFamily("chatd_writer_mutations", "Durable mutations committed.", value=service.writer.committed)
         yield CounterMetricFamily("chatd_writer_lingered", "Batches that waited writer.linger for more mutations before starting.", value=service.writer.lingered)
-        refused = CounterMetricFamily("chatd_command_errors", "Commands (hello included) answered with an error frame, by error code.", labels=["code"])
+        errors_by_code = CounterMetricFamily("chatd_command_errors", "Commands (hello included) answered with an error frame, by error code.", labels=["code"])
         for code, count in sorted(service.command_errors.items()):
-            refused.add_metric([code], count)
-        yield refused
+            errors_by_code.add_metric([code], count)
+        yield errors_by_code
         pending = service.writer._send.statistics().current_buffer_used
         yield GaugeMetricFamily("chatd_writer_queue", "Mutations waiting for the writer.", value=pending)
         merges = service.search_merges
