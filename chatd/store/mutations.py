@@ -194,10 +194,10 @@ class Send(Mutation):
 # concurrent transaction committed meanwhile fails the statement (unique
 # violation): the writer retries the batch, which then finds it as a duplicate.
 # The statement runs on a generic plan (prepared on each writer connection, again every
-# 10 s: chatd/store/driver.py), which cannot know how few rooms a batch names. Rooms are looked up by key from an array (`= ANY`), which
-# plans as an index lookup at any table size; joined to the batch instead, they were
-# scanned in full, twice per batch, once there were a few thousand (docs/decisions.md,
-# "The send statement reaches rooms by key").
+# 10 s: chatd/store/driver.py), which cannot know how few rooms a batch names. Rooms are
+# looked up by key from an array (`= ANY`), which plans as an index lookup at any table
+# size; joined to the batch instead, they were scanned in full, twice per batch, once
+# there were a few thousand (docs/decisions.md, "The send statement reaches rooms by key").
 _SEND = Statement("chatd_send_batch", """
 WITH t AS (
     SELECT (e->>0)::int AS ord, (e->>1)::bigint AS room_id, e->>2 AS user_id, e->>3 AS body,

@@ -191,7 +191,7 @@ async def _read_commands(conn: WebSocketConnection, service: Service, session, c
                 abusive = malformed > cfg.websocket.max_bad_frames
             else:
                 abusive = False
-                if isinstance(exc, errors.Unavailable):  # load shedding: one line a second at most
+                if isinstance(exc, errors.Unavailable):  # shedding load or a dependency down: floods, so one line a second
                     unavailable(conn_id=conn_id, user_id=session.user_id, message=exc.message)
             if abusive:
                 await _refuse(conn, request_id, exc, CloseCode.POLICY_VIOLATION, "too many bad or rate-limited commands")
