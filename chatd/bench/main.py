@@ -3,7 +3,7 @@
     chatd bench SCENARIO [--target T] [--json] [--quick]
     chatd bench compare SCENARIO [--targets T,T,...] [--rounds N] [--json] [--quick]
 
-SCENARIO is one of fanout, dm, durable, idle, mixed; T one of chatd (default), ws, socketio,
+SCENARIO is one of fanout, dm, durable, idle, mixed, start; T one of chatd (default), ws, socketio,
 pysocketio. The bench starts the target itself (chatd on a fresh embedded PostgreSQL,
 or a peer from bench/peers/ whose packages it installs into its work directory),
 stops everything it started, and prints a table (with a progress line on stderr while
@@ -52,11 +52,13 @@ def run_one(scenario_name: str, target_name: str, args: argparse.Namespace, prog
     limit = args.max_seconds or (QUICK_LIMIT if args.quick else FULL_LIMIT)
     try:
         target = targets.make(target_name, work, Path(args.work_dir) / "peers")
-        progress(f"[{target_name}] starting the server")
-        target.start()
-        n = args.loaders or scenario.loaders(args.quick)
-        fleet = Fleet(n, proto=target.proto, port=target.port, path=target.path, secret=targets.SECRET,
-                      max_seconds=limit + 600, log_dir=target.work)
+        n = 0
+        if getattr(scenario, "uses_loaders", True):  # `start` starts the server itself, and no load
+            progress(f"[{target_name}] starting the server")
+            target.start()
+            n = args.loaders or scenario.loaders(args.quick)
+            fleet = Fleet(n, proto=target.proto, port=target.port, path=target.path, secret=targets.SECRET,
+                          max_seconds=limit + 600, log_dir=target.work)
         ctx = Context(target, fleet, args.quick, time.monotonic() + limit, progress, target.work)
         result["setup"] = ctx.setup
         result["setup"]["loaders"] = n
@@ -78,6 +80,8 @@ def run_one(scenario_name: str, target_name: str, args: argparse.Namespace, prog
     if scenario_name == "idle" and steps:
         result["rss_bytes_per_conn"] = steps[-1]["rss_bytes_per_conn"]
         result["connect_rate"] = max(s["connect_rate"] for s in steps)
+    if scenario_name == "start":
+        result["saturation_deliveries_per_s"] = result["max_sustained_deliveries_per_s"] = None
     if scenario_name == "durable" and steps:
         result["committed_msgs_per_s"] = max(s["achieved_rate"] for s in steps)
     for key in ("max_gc_pause_ms", "max_gc_pause_cpu_ms"):

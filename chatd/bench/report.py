@@ -25,6 +25,7 @@ IDLE_COLUMNS = [
     ("load%", "loader_cpu_pct", "{:.0f}"), ("other%", "other_cpu_pct", "{:.0f}"),
 ]
 DURABLE_EXTRA = [("senders", "senders", "{}")]
+START_COLUMNS = [("step", "step", "{}"), ("start", "start", "{}"), ("ready s", "ready_s", "{:.3f}"), ("rss MB", "server_rss_bytes", "mb")]
 
 
 class Progress:
@@ -71,6 +72,8 @@ def grid(rows: list[dict], columns: list[tuple[str, str, str]], lead: list[tuple
 def columns_for(scenario: str) -> list:
     if scenario == "idle":
         return IDLE_COLUMNS
+    if scenario == "start":
+        return START_COLUMNS
     if scenario == "durable":
         return DURABLE_EXTRA + [c for c in MESSAGE_COLUMNS if c[1] != "offered_rate"]
     return MESSAGE_COLUMNS
@@ -87,6 +90,7 @@ def render(result: dict) -> str:
 
 def summary_line(result: dict) -> str:
     keys = ("saturation_deliveries_per_s", "max_sustained_deliveries_per_s", "committed_msgs_per_s", "rss_bytes_per_conn", "connect_rate", "idle_server_cpu_pct",
+            "first_start_s", "warm_start_s", "warm_start_max_s",
             "disconnect_ping_max_ms", "disconnect_max_gc_pause_ms", "stopped", "duration_s")
     return "  ".join(f"{k}={result[k]}" for k in keys if result.get(k) is not None)
 
@@ -117,13 +121,16 @@ def _ratio(a, b) -> float | None:
 
 
 def _step_key(scenario: str, step: dict):
-    return step.get("senders") if scenario == "durable" else step.get("offered_rate") if scenario != "idle" else step.get("step")
+    if scenario == "durable":
+        return step.get("senders")
+    return step.get("step") if scenario in ("idle", "start") else step.get("offered_rate")
 
 
 def ratios(scenario: str, chatd: dict, peer: dict) -> dict:
     """chatd/peer for the headline figures and for each step both ran (matched by load)."""
     out: dict = {key: _ratio(chatd.get(key), peer.get(key)) for key in (
-        "saturation_deliveries_per_s", "max_sustained_deliveries_per_s", "committed_msgs_per_s", "rss_bytes_per_conn", "connect_rate")
+        "saturation_deliveries_per_s", "max_sustained_deliveries_per_s", "committed_msgs_per_s", "rss_bytes_per_conn", "connect_rate",
+        "first_start_s", "warm_start_s")
         if chatd.get(key) is not None or peer.get(key) is not None}
     theirs = {_step_key(scenario, s): s for s in peer.get("steps", [])}
     steps = []
@@ -132,7 +139,8 @@ def ratios(scenario: str, chatd: dict, peer: dict) -> dict:
         if other is None:
             continue
         keys = ("rss_bytes_per_conn", "connect_rate", "latency_p99_ms", "server_cpu_us_per_conn") if scenario == "idle" else (
-            "deliveries_per_s", "server_cpu_us_per_delivery", "latency_p50_ms", "latency_p99_ms", "achieved_rate")
+            ("ready_s",) if scenario == "start" else
+            ("deliveries_per_s", "server_cpu_us_per_delivery", "latency_p50_ms", "latency_p99_ms", "achieved_rate"))
         steps.append({"load": _step_key(scenario, mine), **{k: _ratio(mine.get(k), other.get(k)) for k in keys}})
     out["steps"] = steps
     for key in ("server_cpu_us_per_delivery", "latency_p99_ms", "server_cpu_us_per_conn"):

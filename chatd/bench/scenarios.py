@@ -7,6 +7,7 @@ run ends well within two minutes (CI smoke use).
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from chatd.bench import stats
@@ -296,4 +297,41 @@ def _blocks(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-SCENARIOS = {cls.name: cls for cls in (Fanout, Dm, Durable, Idle, Mixed)}
+class Start:
+    """Spawn to ready: a first start, then warm restarts on the same state.
+
+    For chatd, ready is ``/readyz`` answering 200 (its embedded PostgreSQL up, the
+    schema migrated, the listeners open); the first start also runs ``initdb``. For a
+    peer, ready is its port accepting a connection. No loaders: each restart ends the
+    server with SIGTERM and starts it again.
+    """
+
+    name = "start"
+    uses_loaders = False
+
+    def loaders(self, quick: bool) -> int:
+        return 0
+
+    def run(self, ctx: Context) -> list[dict]:
+        restarts = 2 if ctx.quick else 5
+        ctx.setup.update(restarts=restarts)
+        rows: list[dict] = []
+        for i in range(restarts + 1):
+            if ctx.out_of_time():
+                ctx.summary["stopped"] = "run deadline reached"
+                break
+            ctx.say("first start" if i == 0 else f"warm restart {i}/{restarts}")
+            if i == 0:
+                ctx.target.start()
+            else:
+                ctx.target.restart()
+            rows.append({"step": i + 1, "start": "first" if i == 0 else "warm", "ready_s": round(ctx.target.ready_s, 3),
+                         "server_rss_bytes": ctx.target.rss()})
+        warm = [row["ready_s"] for row in rows if row["start"] == "warm"]
+        ctx.summary.update(first_start_s=rows[0]["ready_s"] if rows else None,
+                           warm_start_s=round(statistics.median(warm), 3) if warm else None,
+                           warm_start_max_s=max(warm, default=None))
+        return rows
+
+
+SCENARIOS = {cls.name: cls for cls in (Fanout, Dm, Durable, Idle, Mixed, Start)}

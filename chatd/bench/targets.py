@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 
 from chatd.bench import dbwatch, gcwatch, peers, procstat
@@ -40,8 +41,27 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float) -> 
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
-            time.sleep(0.1)
+            time.sleep(0.01)  # the `start` scenario times this wait
     raise BenchError(f"server did not listen on {port} within {timeout:.0f} s (log: {log})")
+
+
+def _wait_ready(port: int, path: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll ``GET path`` on 127.0.0.1:``port`` until it answers 200 (chatd's /readyz)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"server exited with {proc.returncode} before it was ready (log: {log})")
+        http = HTTPConnection("127.0.0.1", port, timeout=1.0)
+        try:
+            http.request("GET", path)
+            if http.getresponse().status == 200:
+                return
+        except (OSError, HTTPException):
+            pass
+        finally:
+            http.close()
+        time.sleep(0.01)
+    raise BenchError(f"GET {path} on port {port} did not answer 200 within {timeout:.0f} s (log: {log})")
 
 
 def _end(pid: int, grace: float) -> None:
@@ -77,6 +97,8 @@ class Target:
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.log = work / f"{self.name}.log"
+        self.ready_s: float | None = None  # the last start: spawn to ready, in seconds
+        self._spawned = 0.0
 
     @property
     def pid(self) -> int:
@@ -102,12 +124,20 @@ class Target:
 
     def _launch(self, argv: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> None:
         self.port = self.port or free_port()
-        with open(self.log, "wb") as out:
+        self._spawned = time.monotonic()
+        with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.work)
         _wait_port(self.port, self.proc, self.log, timeout)
+        self.ready_s = time.monotonic() - self._spawned
 
     def start(self) -> None:
+        """Start the server and wait until it is ready; ``ready_s`` says how long that took."""
         raise NotImplementedError
+
+    def restart(self) -> None:
+        """End the server and start it again (chatd: on the same database)."""
+        self.stop()
+        self.start()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -122,21 +152,41 @@ class ChatdTarget(Target):
     def __init__(self, work: Path, cache: Path) -> None:
         super().__init__(work, cache)
         self.state: Path | None = None
+        self.http_port = 0
         self.gc_log = work / "chatd-gc.log"
         self.children: list[int] = []
 
     def start(self) -> None:
+        cfg = self._configure()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
+        self._launch([sys.executable, "-m", "chatd.bench.gcwatch", "--gc-log", str(self.gc_log), "serve", "--config", str(cfg)], env, timeout=180)
+        # Ready is what an operator's load balancer waits for: /readyz answering 200.
+        _wait_ready(self.http_port, "/readyz", self.proc, self.log, 60)
+        self.ready_s = time.monotonic() - self._spawned
+        self.children = procstat.descendants(self.pid)
+
+    def restart(self) -> None:
+        Target.stop(self)  # chatd stops its embedded PostgreSQL; the database stays
+        self._end_children()
+        self.start()
+
+    def _configure(self) -> Path:
+        """The run's state directory and config file, made on the first start."""
         from chatd.config import to_toml
 
+        cfg = self.work / "chatd-bench.toml"
+        if self.state is not None:
+            return cfg
         # A short fresh directory of its own: the unix socket path must stay under 108
         # bytes, and the embedded PostgreSQL runs as `nobody` when we are root, so every
         # directory on the way must be traversable (a pytest tmp_path is not).
         self.state = Path(tempfile.mkdtemp(prefix="chatd-bench-"))
         self.state.chmod(0o755)
         self.port = free_port()
+        self.http_port = free_port()
         config = {
             "server": {"shutdown_grace": 5.0},
-            "http": {"host": "127.0.0.1", "port": free_port()},
+            "http": {"host": "127.0.0.1", "port": self.http_port},
             "websocket": {"host": "127.0.0.1", "port": self.port, "path": "/ws"},
             "database": {"url": "", "embedded": {"state_dir": str(self.state)}},
             "auth": {"hs256_secret": SECRET},
@@ -144,11 +194,13 @@ class ChatdTarget(Target):
             "limits": {"commands_per_second": 100000.0, "command_burst": 100000},
             "log": {"format": "json", "level": "warning"},
         }
-        cfg = self.work / "chatd-bench.toml"
         cfg.write_text(to_toml(config))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
-        self._launch([sys.executable, "-m", "chatd.bench.gcwatch", "--gc-log", str(self.gc_log), "serve", "--config", str(cfg)], env, timeout=180)
-        self.children = procstat.descendants(self.pid)
+        return cfg
+
+    def _end_children(self) -> None:
+        for pid in self.children:
+            if Path(f"/proc/{pid}").exists():
+                _end(pid, 10)
 
     def db_rss(self) -> int | None:
         return sum(procstat.rss_bytes(p) for p in procstat.descendants(self.pid))
@@ -168,11 +220,10 @@ class ChatdTarget(Target):
         # chatd stops its embedded PostgreSQL on SIGTERM; should it be killed instead,
         # the PostgreSQL processes it started are ended by the PIDs recorded at start.
         super().stop()
-        for pid in self.children:
-            if Path(f"/proc/{pid}").exists():
-                _end(pid, 10)
+        self._end_children()
         if self.state is not None:
             shutil.rmtree(self.state, ignore_errors=True)
+            self.state = None
 
 
 class NodeWsPeer(Target):

@@ -1,17 +1,19 @@
-"""`chatd bench`: the quick fanout run as CI uses it, and the histogram it reports from."""
+"""`chatd bench`: the quick runs as CI uses them, the histogram they report from, and restarts."""
 
 from __future__ import annotations
 
 import gc
 import json
 import random
+import statistics
 import subprocess
 import sys
 import time
+from http.client import HTTPConnection
 
 import pytest
 
-from chatd.bench import gcwatch, stats
+from chatd.bench import gcwatch, stats, targets
 
 STEP_KEYS = {
     "offered_rate", "achieved_rate", "deliveries_per_s", "server_cpu_us_per_delivery", "server_rss_bytes",
@@ -99,3 +101,55 @@ def test_quick_idle_connects_everyone_then_measures_them_all_dropping_at_once(tm
     assert result["disconnect_pings_answered"] > 10  # one every 20 ms for 5 s, while the server kept answering
     assert 0 < result["disconnect_ping_p99_ms"] <= result["disconnect_ping_max_ms"] < 5000
     assert result["disconnect_server_cpu_us_per_conn"] > 0 and result["disconnect_max_gc_pause_ms"] is not None
+
+
+@pytest.mark.slow
+def test_quick_start_times_a_first_start_then_warm_restarts(tmp_path):
+    result = _quick("start", tmp_path)
+    assert "error" not in result and result["setup"] == {"restarts": 2, "loaders": 0}, result
+    steps = result["steps"]
+    assert [s["start"] for s in steps] == ["first", "warm", "warm"]
+    assert all(0 < s["ready_s"] < 60 and s["server_rss_bytes"] > 0 for s in steps), steps
+    assert result["first_start_s"] == steps[0]["ready_s"]
+    assert result["warm_start_s"] == pytest.approx(statistics.median(s["ready_s"] for s in steps[1:]), abs=0.001)
+    assert result["warm_start_max_s"] == max(s["ready_s"] for s in steps[1:])
+    assert not list(tmp_path.glob("run-*")), "the run's work directory is removed after a good run"
+
+
+@pytest.mark.slow
+def test_a_chatd_restart_keeps_its_database_and_ends_the_processes_it_started(tmp_path):
+    target = targets.make("chatd", tmp_path / "run", tmp_path / "peers")
+    first_pids: list[int] = []
+    try:
+        target.start()
+        state, first_pids = target.state, [target.pid, *target.children]
+        assert target.children, "the embedded PostgreSQL runs as chatd's child"
+        _ready(target)
+        target.restart()
+        assert target.state == state and (state / "postgres" / "data" / "PG_VERSION").exists(), "a warm start on the same database"
+        assert target.pid not in first_pids and not set(target.children) & set(first_pids)
+        assert not [pid for pid in first_pids if _alive(pid)], "the first server and its PostgreSQL ended"
+        _ready(target)
+    finally:
+        last_pids = [target.pid, *target.children] if target.proc is not None else []
+        target.stop()
+    assert not [pid for pid in first_pids + last_pids if _alive(pid)]
+    assert target.state is None and not state.exists()
+
+
+def _ready(target) -> None:
+    http = HTTPConnection("127.0.0.1", target.http_port, timeout=5)
+    try:
+        http.request("GET", "/readyz")
+        assert http.getresponse().status == 200
+    finally:
+        http.close()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
