@@ -160,10 +160,12 @@ class ChatdTarget(Target):
         cfg = self._configure()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
         self._launch([sys.executable, "-m", "chatd.bench.gcwatch", "--gc-log", str(self.gc_log), "serve", "--config", str(cfg)], env, timeout=180)
-        # Ready is what an operator's load balancer waits for: /readyz answering 200.
-        _wait_ready(self.http_port, "/readyz", self.proc, self.log, 60)
+        try:
+            # Ready is what an operator's load balancer waits for: /readyz answering 200.
+            _wait_ready(self.http_port, "/readyz", self.proc, self.log, 60)
+        finally:  # also when it never got ready: stop() ends its PostgreSQL by these PIDs
+            self.children = procstat.descendants(self.pid)
         self.ready_s = time.monotonic() - self._spawned
-        self.children = procstat.descendants(self.pid)
 
     def restart(self) -> None:
         Target.stop(self)  # chatd stops its embedded PostgreSQL; the database stays

@@ -13,7 +13,8 @@ from http.client import HTTPConnection
 
 import pytest
 
-from chatd.bench import gcwatch, stats, targets
+from chatd.bench import gcwatch, report, stats, targets
+from chatd.bench.main import _best
 
 STEP_KEYS = {
     "offered_rate", "achieved_rate", "deliveries_per_s", "server_cpu_us_per_delivery", "server_rss_bytes",
@@ -153,3 +154,16 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_start_compare_keeps_each_targets_quickest_round_and_divides_step_by_step():
+    def run(first: float, *warm: float) -> dict:
+        steps = [{"step": 1, "start": "first", "ready_s": first}]
+        steps += [{"step": i, "start": "warm", "ready_s": s} for i, s in enumerate(warm, 2)]
+        return {"scenario": "start", "steps": steps, "first_start_s": first, "warm_start_s": statistics.median(warm)}
+
+    slow, quick = run(2.0, 0.9, 0.8), run(1.6, 0.6, 0.5)
+    assert _best([slow, quick]) is quick and _best([quick, slow]) is quick
+    ratios = report.ratios("start", quick, run(0.4, 0.1, 0.1))
+    assert ratios["first_start_s"] == 4.0 and ratios["warm_start_s"] == 5.5
+    assert [(s["load"], s["ready_s"]) for s in ratios["steps"]] == [(1, 4.0), (2, 6.0), (3, 5.0)]
