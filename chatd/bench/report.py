@@ -19,7 +19,8 @@ MESSAGE_COLUMNS = [
 IDLE_COLUMNS = [
     ("step", "step", "{}"), ("conns", "connections", "{}"), ("conn/s", "connect_rate", "{:.0f}"),
     ("conn p99", "connect_p99_ms", "{:.1f}"), ("rss MB", "server_rss_bytes", "mb"), ("B/conn", "rss_bytes_per_conn", "{:.0f}"),
-    ("µs/conn", "server_cpu_us_per_conn", "{:.0f}"), ("srv%", "server_cpu_pct", "{:.0f}"), ("db%", "db_cpu_pct", "{:.0f}"),
+    ("µs/conn", "server_cpu_us_per_conn", "{:.0f}"), ("µs/connect", "connect_server_cpu_us_per_conn", "{:.0f}"),
+    ("srv% connecting", "connect_server_cpu_pct", "{:.0f}"), ("srv%", "server_cpu_pct", "{:.0f}"), ("db%", "db_cpu_pct", "{:.0f}"),
     ("ping p50", "latency_p50_ms", "{:.1f}"), ("p99", "latency_p99_ms", "{:.1f}"), ("max", "latency_max_ms", "{:.1f}"),
     ("err", "errors", "{}"), ("gc ms", "max_gc_pause_ms", "{:.1f}"), ("gc cpu", "max_gc_pause_cpu_ms", "{:.1f}"),
     ("load%", "loader_cpu_pct", "{:.0f}"), ("other%", "other_cpu_pct", "{:.0f}"),

@@ -159,6 +159,8 @@ class Idle:
             t0 = time.monotonic_ns()
             done = ctx.connect(batch)
             connect_s = done["seconds"]
+            connect_ns, _ = meter.since()  # the connects alone, before their rooms are made
+            connect_wall_ns = time.monotonic_ns() - t0
             ctx.say(f"step {i}/{batches}: rooms of 100")
             ctx.rooms([(b[0], {"type": "create_group", "title": "idle", "members": b[1:]}) for b in _blocks(batch, 100) if len(b) > 1])
             fleet.settle()
@@ -175,6 +177,8 @@ class Idle:
                 "connect_rate": round(len(batch) / connect_s, 1), "connect_p50_ms": connect["p50"], "connect_p99_ms": connect["p99"],
                 "offered_rate": None, "achieved_rate": None, "deliveries_per_s": None, "server_cpu_us_per_delivery": None,
                 "server_cpu_us_per_conn": round(server_ns / 1000 / len(batch), 1),
+                "connect_server_cpu_us_per_conn": round(connect_ns / 1000 / len(batch), 1),
+                "connect_server_cpu_pct": round(connect_ns * 100 / connect_wall_ns, 1),
                 "server_cpu_pct": round(server_ns * 100 / (t_end - t0), 1),
                 "db_cpu_pct": round(db_ns * 100 / (t_end - t0), 1) if target.has_db else None,
                 "server_rss_bytes": rss, "db_rss_bytes": target.db_rss(),

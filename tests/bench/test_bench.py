@@ -96,6 +96,9 @@ def test_quick_idle_connects_everyone_then_measures_them_all_dropping_at_once(tm
     result = _quick("idle", tmp_path)
     assert "error" not in result and [s["connections"] for s in result["steps"]] == [1000, 2000]
     assert all(s["errors"] == 0 for s in result["steps"]) and result["connect_rate"] > 0
+    # The connects' own CPU is part of the step's, which also makes the rooms.
+    assert all(0 < s["connect_server_cpu_us_per_conn"] < s["server_cpu_us_per_conn"] for s in result["steps"])
+    assert all(0 < s["connect_server_cpu_pct"] <= 200 for s in result["steps"])  # % of one core; two cores here
     assert 0 < result["rss_bytes_per_conn"] < 64_000
     # Every client but the probe dropped, and the probe's pings were answered meanwhile.
     assert result["disconnected"] == 2000
