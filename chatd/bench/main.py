@@ -80,8 +80,6 @@ def run_one(scenario_name: str, target_name: str, args: argparse.Namespace, prog
     if scenario_name == "idle" and steps:
         result["rss_bytes_per_conn"] = steps[-1]["rss_bytes_per_conn"]
         result["connect_rate"] = max(s["connect_rate"] for s in steps)
-    if scenario_name == "start":
-        result["saturation_deliveries_per_s"] = result["max_sustained_deliveries_per_s"] = None
     if scenario_name == "durable" and steps:
         result["committed_msgs_per_s"] = max(s["achieved_rate"] for s in steps)
     for key in ("max_gc_pause_ms", "max_gc_pause_cpu_ms"):

@@ -15,8 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
+from typing import Callable
 
 from chatd.bench import dbwatch, gcwatch, peers, procstat
 from chatd.bench.fleet import BenchError
@@ -31,37 +33,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+def _wait(ready: Callable[[], bool], what: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll ``ready`` every 10 ms (the `start` scenario times this wait) until it holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise BenchError(f"server exited with {proc.returncode} before listening:\n{tail}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.01)  # the `start` scenario times this wait
-    raise BenchError(f"server did not listen on {port} within {timeout:.0f} s (log: {log})")
-
-
-def _wait_ready(port: int, path: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    """Poll ``GET path`` on 127.0.0.1:``port`` until it answers 200 (chatd's /readyz)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"server exited with {proc.returncode} before it was ready (log: {log})")
-        http = HTTPConnection("127.0.0.1", port, timeout=1.0)
-        try:
-            http.request("GET", path)
-            if http.getresponse().status == 200:
-                return
-        except (OSError, HTTPException):
-            pass
-        finally:
-            http.close()
+            raise BenchError(f"server exited with {proc.returncode} before it would {what}:\n{tail}")
+        if ready():
+            return
         time.sleep(0.01)
-    raise BenchError(f"GET {path} on port {port} did not answer 200 within {timeout:.0f} s (log: {log})")
+    raise BenchError(f"server did not {what} within {timeout:.0f} s (log: {log})")
+
+
+def _listens(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _answers_200(port: int, path: str) -> bool:
+    http = HTTPConnection("127.0.0.1", port, timeout=1.0)
+    try:
+        http.request("GET", path)
+        return http.getresponse().status == 200
+    except (OSError, HTTPException):
+        return False
+    finally:
+        http.close()
 
 
 def _end(pid: int, grace: float) -> None:
@@ -127,7 +128,7 @@ class Target:
         self._spawned = time.monotonic()
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.work)
-        _wait_port(self.port, self.proc, self.log, timeout)
+        _wait(partial(_listens, self.port), f"listen on {self.port}", self.proc, self.log, timeout)
         self.ready_s = time.monotonic() - self._spawned
 
     def start(self) -> None:
@@ -162,7 +163,7 @@ class ChatdTarget(Target):
         self._launch([sys.executable, "-m", "chatd.bench.gcwatch", "--gc-log", str(self.gc_log), "serve", "--config", str(cfg)], env, timeout=180)
         try:
             # Ready is what an operator's load balancer waits for: /readyz answering 200.
-            _wait_ready(self.http_port, "/readyz", self.proc, self.log, 60)
+            _wait(partial(_answers_200, self.http_port, "/readyz"), "answer GET /readyz with 200", self.proc, self.log, 60)
         finally:  # also when it never got ready: stop() ends its PostgreSQL by these PIDs
             self.children = procstat.descendants(self.pid)
         self.ready_s = time.monotonic() - self._spawned

@@ -15,6 +15,7 @@ import pytest
 
 from chatd.bench import gcwatch, report, stats, targets
 from chatd.bench.main import _best
+from chatd.store.pgprocess import alive
 
 STEP_KEYS = {
     "offered_rate", "achieved_rate", "deliveries_per_s", "server_cpu_us_per_delivery", "server_rss_bytes",
@@ -132,12 +133,12 @@ def test_a_chatd_restart_keeps_its_database_and_ends_the_processes_it_started(tm
         target.restart()
         assert target.state == state and (state / "postgres" / "data" / "PG_VERSION").exists(), "a warm start on the same database"
         assert target.pid not in first_pids and not set(target.children) & set(first_pids)
-        assert not [pid for pid in first_pids if _alive(pid)], "the first server and its PostgreSQL ended"
+        assert not [pid for pid in first_pids if alive(pid)], "the first server and its PostgreSQL ended"
         _ready(target)
     finally:
         last_pids = [target.pid, *target.children] if target.proc is not None else []
         target.stop()
-    assert not [pid for pid in first_pids + last_pids if _alive(pid)]
+    assert not [pid for pid in first_pids + last_pids if alive(pid)]
     assert target.state is None and not state.exists()
 
 
@@ -149,14 +150,6 @@ def _ready(target) -> None:
     finally:
         http.close()
 
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its parent counts as ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_start_compare_keeps_each_targets_quickest_round_and_divides_step_by_step():
